@@ -1,0 +1,40 @@
+# The few commands a newcomer needs. `make test` is the one CI runs.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: test lint typecheck bench search clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Install into .venv (if needed), lint, type-check and run the whole test suite.
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## The search-step benchmark (writes nothing; paste its table into docs/benchmarks.md).
+bench: $(STAMP)
+	$(BIN)/python bench/search_step.py
+
+## A small example search on PTB from the command line: make search OUT=runs/ptb
+OUT ?= runs/example
+search: $(STAMP)
+	$(BIN)/python -m worker.search run examples/ptb_small.json --out $(OUT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

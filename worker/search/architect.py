@@ -1,0 +1,97 @@
+"""The architect: one Adam step on alpha from a validation batch, first or second order (DARTS eq. 6-8)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+Batch = tuple[Tensor, Tensor]
+
+
+class Architect:
+    """Updates alpha only. The second-order step takes a virtual SGD step on the weights,
+    w' = w - xi * (dL_train/dw + weight_decay * w), and approximates the Hessian-vector product of
+    eq. 8 by central differences; the weights are restored bit for bit afterwards.
+
+    `xi` is a number, or None to follow the weights' current learning rate.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        weight_optimizer: torch.optim.Optimizer,
+        arch_optimizer: torch.optim.Optimizer,
+        *,
+        order: str,
+        xi: float | None,
+        weight_decay: float,
+    ) -> None:
+        self.model = model
+        self.weight_optimizer = weight_optimizer
+        self.arch_optimizer = arch_optimizer
+        self.second_order = order == "second"
+        self.xi = xi
+        self.weight_decay = weight_decay
+
+    def current_xi(self) -> float:
+        return float(self.weight_optimizer.param_groups[0]["lr"]) if self.xi is None else self.xi
+
+    def step(self, train: Batch, train_hidden: Tensor, valid: Batch, valid_hidden: Tensor) -> Tensor:
+        """One update of alpha; returns the validation hidden state to carry on."""
+        if self.second_order:
+            grad, hidden = self.second_order_grad(train, train_hidden, valid, valid_hidden)
+        else:
+            loss, hidden = self.model.loss(*valid, valid_hidden)
+            (grad,) = torch.autograd.grad(loss, [self.model.alpha])
+        self.model.alpha.grad = grad
+        self.arch_optimizer.step()
+        self.model.alpha.grad = None
+        return hidden.detach()
+
+    def second_order_grad(
+        self, train: Batch, train_hidden: Tensor, valid: Batch, valid_hidden: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """d L_val(w - xi grad_w L_train(w, a), a) / d a, with the Hessian term by finite differences."""
+        model, alpha = self.model, self.model.alpha
+        weights = list(model.weight_parameters())
+        xi = self.current_xi()
+        gen = model.gen
+        train_masks = gen.get_state() if gen is not None else None  # the same dropout masks for every L_train
+
+        loss, _ = model.loss(*train, train_hidden)
+        grads = torch.autograd.grad(loss, weights)
+        saved = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            for w, g in zip(weights, grads):
+                w.sub_(xi * (g + self.weight_decay * w))  # the virtual step
+        loss, hidden = model.loss(*valid, valid_hidden)
+        d_alpha, *d_weights = torch.autograd.grad(loss, [alpha, *weights])
+        after_valid = gen.get_state() if gen is not None else None
+
+        norm = torch.sqrt(sum((d * d).sum() for d in d_weights))  # type: ignore[arg-type]
+        if xi == 0 or float(norm) == 0.0:
+            _restore(weights, saved)
+            return d_alpha, hidden
+        r = 0.01 / norm
+        grads_at = []
+        for sign in (1.0, -1.0):  # grad_a L_train(w +- r dw', a)
+            with torch.no_grad():
+                for w, w0, d in zip(weights, saved, d_weights):
+                    w.copy_(w0 + sign * r * d)
+            if gen is not None and train_masks is not None:
+                gen.set_state(train_masks)
+            loss, _ = model.loss(*train, train_hidden)
+            grads_at.append(torch.autograd.grad(loss, [alpha])[0])
+        _restore(weights, saved)
+        if gen is not None and after_valid is not None:
+            gen.set_state(after_valid)  # later draws do not repeat the masks of the passes above
+        hessian_vector = (grads_at[0] - grads_at[1]) / (2 * r)
+        return d_alpha - xi * hessian_vector, hidden
+
+
+def _restore(weights: list[torch.nn.Parameter], saved: list[Tensor]) -> None:
+    with torch.no_grad():
+        for w, w0 in zip(weights, saved):
+            w.copy_(w0)
