@@ -1,13 +1,17 @@
 """The DARTS recurrent search cell, one time step at a time.
 
-Equations (Liu et al. 2019, the search cell without batch norm), with H = nhid and E = steps*(steps+1)/2
+Equations (Liu et al. 2019, the search cell of their code), with H = nhid and E = steps*(steps+1)/2
 edges, edge e = (j -> i+1) carrying softmax weights p[e] over PRIMITIVES:
 
     [a, b]  = x W0x + (h_prev * mask) W0h                           # (B, 2H)
-    s_0     = h_prev + sigmoid(a) * (tanh(b) - h_prev)
+    s_0     = BN(h_prev + sigmoid(a) * (tanh(b) - h_prev))
     [c, h]  = (s_j * mask) W_i                                       # per predecessor j <= i
-    s_{i+1} = sum_j sum_{k != none} p[e,k] * (s_j + sigmoid(c) * (f_k(h) - s_j))
+    s_{i+1} = BN(sum_j sum_{k != none} p[e,k] * (s_j + sigmoid(c) * (f_k(h) - s_j)))
     out     = mean(s_1 .. s_steps)
+
+BN is a batch norm without affine parameters, shared by all nodes (batch statistics while training,
+running statistics in eval): without it the summed node states grow geometrically and the search
+diverges, which is why the paper's search code has it.
 
 `reference_cell_step` computes this literally: one highway update per candidate operation, weighted and
 summed, as the paper's code does. `fused_cell_step` uses the identity
@@ -22,6 +26,7 @@ states and the pre-activations of each time step, not the dozens of intermediate
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,14 +51,52 @@ def n_edges(steps: int) -> int:
     return steps * (steps + 1) // 2
 
 
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5
+
+
+@dataclass
+class CellNorm:
+    """The cell's batch norm: running statistics (buffers of the network) and the mode."""
+
+    running_mean: Tensor  # (H,)
+    running_var: Tensor  # (H,)
+    training: bool
+
+    def apply(self, x: Tensor) -> Tensor:
+        """torch's own batch norm, for the reference formulation."""
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, training=self.training, momentum=BN_MOMENTUM, eps=BN_EPS
+        )
+
+    def forward(self, x: Tensor, out: Tensor) -> Tensor:
+        """Normalise x (B, H) into `out`, updating the running statistics; returns 1/std, (H,)."""
+        if self.training:
+            var, mean = torch.var_mean(x, 0, correction=0)
+            with torch.no_grad():
+                n = x.shape[0]
+                self.running_mean.lerp_(mean, BN_MOMENTUM)
+                self.running_var.lerp_(var * (n / max(n - 1, 1)), BN_MOMENTUM)
+        else:
+            mean, var = self.running_mean, self.running_var
+        inv_std = (var + BN_EPS).rsqrt()
+        torch.mul(x - mean, inv_std, out=out)
+        return inv_std
+
+    def backward(self, grad: Tensor, normed: Tensor, inv_std: Tensor) -> Tensor:
+        """Gradient w.r.t. the input of `forward`, given the gradient w.r.t. its output."""
+        if not self.training:
+            return grad * inv_std
+        return (grad - grad.mean(0) - normed * (grad * normed).mean(0)) * inv_std
+
+
 def reference_cell_step(
-    xproj: Tensor, h_prev: Tensor, w0h: Tensor, ws: Tensor, probs: Tensor, h_mask: Tensor | None
+    xproj: Tensor, h_prev: Tensor, w0h: Tensor, ws: Tensor, probs: Tensor, h_mask: Tensor | None, bn: CellNorm
 ) -> Tensor:
     """The literal formulation: per node one matmul over its predecessors, one highway update per op."""
     steps, nhid = ws.shape[0], ws.shape[1]
     masked_prev = h_prev if h_mask is None else h_prev * h_mask
     c0, h0 = torch.split(xproj + masked_prev @ w0h, nhid, dim=-1)
-    s0 = h_prev + c0.sigmoid() * (h0.tanh() - h_prev)
+    s0 = bn.apply(h_prev + c0.sigmoid() * (h0.tanh() - h_prev))
     states = s0.unsqueeze(0)  # (n, B, H)
     offset = 0
     for i in range(steps):
@@ -67,7 +110,7 @@ def reference_cell_step(
                 continue
             unweighted = states + c * (_ACTIVATIONS[name](h) - states)
             s = s + torch.sum(probs[offset : offset + i + 1, k].view(-1, 1, 1) * unweighted, dim=0)
-        states = torch.cat([states, s.unsqueeze(0)], 0)
+        states = torch.cat([states, bn.apply(s).unsqueeze(0)], 0)
         offset += i + 1
     return states[-steps:].mean(0)
 
@@ -85,7 +128,14 @@ def _mixed(hh: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 class _FusedCellStep(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, xproj: Tensor, h_prev: Tensor, w0h: Tensor, ws: Tensor, probs: Tensor, h_mask: Tensor | None
+        ctx: Any,
+        xproj: Tensor,
+        h_prev: Tensor,
+        w0h: Tensor,
+        ws: Tensor,
+        probs: Tensor,
+        h_mask: Tensor | None,
+        bn: CellNorm,
     ) -> Tensor:
         steps, nhid = ws.shape[0], ws.shape[1]
         batch = h_prev.shape[0]
@@ -93,8 +143,9 @@ class _FusedCellStep(torch.autograd.Function):
         masked_prev = h_prev if mask is None else h_prev * mask
         pre0 = torch.addmm(xproj, masked_prev, w0h)  # (B, 2H)
         c0, h0 = pre0[:, :nhid].sigmoid(), pre0[:, nhid:].tanh()
-        states = h_prev.new_empty(steps + 1, batch, nhid)  # s_0 .. s_steps
-        states[0] = torch.lerp(h_prev, h0, c0)
+        states = h_prev.new_empty(steps + 1, batch, nhid)  # s_0 .. s_steps, normalised
+        inv_std = h_prev.new_empty(steps + 1, nhid)
+        inv_std[0] = bn.forward(torch.lerp(h_prev, h0, c0), out=states[0])
         masked = states if mask is None else torch.empty_like(states)
         if mask is not None:
             torch.mul(states[0], mask, out=masked[0])
@@ -108,16 +159,18 @@ class _FusedCellStep(torch.autograd.Function):
             c = ch[..., :nhid].sigmoid()
             m, _, _, _ = _mixed(ch[..., nhid:], probs[offset : offset + n])
             kept = states[:n] * keep[offset : offset + n].view(n, 1, 1)
-            torch.sum(torch.lerp(kept, m, c), 0, out=states[i + 1])
+            inv_std[i + 1] = bn.forward(torch.lerp(kept, m, c).sum(0), out=states[i + 1])
             if mask is not None:
                 torch.mul(states[i + 1], mask, out=masked[i + 1])
             offset += n
-        ctx.save_for_backward(h_prev, mask, w0h, ws, probs, c0, h0, states, pre)
+        ctx.save_for_backward(h_prev, mask, w0h, ws, probs, c0, h0, states, pre, inv_std)
+        ctx.bn = bn
         return states[1:].mean(0)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        h_prev, mask, w0h, ws, probs, c0, h0, states, pre = ctx.saved_tensors
+        h_prev, mask, w0h, ws, probs, c0, h0, states, pre, inv_std = ctx.saved_tensors
+        bn: CellNorm = ctx.bn
         need_x, need_h, need_w0h, need_ws, need_p = ctx.needs_input_grad[:5]
         steps, nhid = ws.shape[0], ws.shape[1]
         batch = h_prev.shape[0]
@@ -131,7 +184,8 @@ class _FusedCellStep(torch.autograd.Function):
         for i in reversed(range(steps)):
             n = i + 1
             offset -= n
-            g = d_states[i + 1]  # complete: s_{i+1} only feeds later nodes and the mean
+            # d_states[i+1] is complete: s_{i+1} only feeds later nodes and the mean
+            g = bn.backward(d_states[i + 1], states[i + 1], inv_std[i + 1])  # (B, H), before the norm
             ch = pre[offset : offset + n]
             hh = ch[..., nhid:]
             c = ch[..., :nhid].sigmoid()
@@ -161,7 +215,7 @@ class _FusedCellStep(torch.autograd.Function):
                 torch.mm(masked[:n].view(n * batch, nhid).t(), flat, out=d_ws[i])
             d_masked = (flat @ ws[i].t()).view(n, batch, nhid)
             d_states[:n] += d_masked if mask is None else d_masked * mask
-        g0 = d_states[0]
+        g0 = bn.backward(d_states[0], states[0], inv_std[0])
         d_pre0 = h0.new_empty(batch, 2 * nhid)
         torch.mul(g0 * (h0 - h_prev), c0 * (1 - c0), out=d_pre0[:, :nhid])
         torch.mul(g0 * c0, 1 - h0 * h0, out=d_pre0[:, nhid:])
@@ -173,14 +227,14 @@ class _FusedCellStep(torch.autograd.Function):
         if need_w0h:
             masked_prev = h_prev if mask is None else h_prev * mask
             d_w0h = masked_prev.t() @ d_pre0
-        return (d_pre0 if need_x else None), d_h, d_w0h, d_ws, d_probs, None
+        return (d_pre0 if need_x else None), d_h, d_w0h, d_ws, d_probs, None, None
 
 
 def fused_cell_step(
-    xproj: Tensor, h_prev: Tensor, w0h: Tensor, ws: Tensor, probs: Tensor, h_mask: Tensor | None
+    xproj: Tensor, h_prev: Tensor, w0h: Tensor, ws: Tensor, probs: Tensor, h_mask: Tensor | None, bn: CellNorm
 ) -> Tensor:
     """One time step of the search cell as a single autograd node (same result as the reference)."""
-    out: Tensor = _FusedCellStep.apply(xproj, h_prev, w0h, ws, probs, h_mask)
+    out: Tensor = _FusedCellStep.apply(xproj, h_prev, w0h, ws, probs, h_mask, bn)
     return out
 
 
@@ -194,6 +248,7 @@ def run_cell(
     ws: Tensor,
     probs: Tensor,
     h_mask: Tensor | None,
+    bn: CellNorm,
     impl: str = "fused",
 ) -> Tensor:
     """Unroll the cell over a sequence: xproj (T, B, 2H) is the input's share of s_0's pre-activation."""
@@ -201,7 +256,7 @@ def run_cell(
     h = h0  # (B, H)
     outputs = []
     for t in range(xproj.shape[0]):
-        h = step(xproj[t], h, w0h, ws, probs, h_mask)
+        h = step(xproj[t], h, w0h, ws, probs, h_mask, bn)
         outputs.append(h)
     return torch.stack(outputs)  # (T, B, H)
 

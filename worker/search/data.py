@@ -216,7 +216,12 @@ class SeriesBatches:
         self.window, self.batch_size = window, batch_size
         self.train_starts = torch.arange(0, n_train - window - horizon + 1)
         self.valid_starts = torch.arange(n_train - window, n_train + n_valid - window - horizon + 1)
-        self.n_train = math.ceil(len(self.train_starts) / batch_size)
+        if min(len(self.train_starts), len(self.valid_starts)) < 2:
+            raise DataError("this series is too short for the window: each part needs at least two windows")
+        # Training and alpha batches are full (the cell's batch norm needs more than one window per batch;
+        # the remainder changes with every epoch's shuffle); evaluation reads every validation window.
+        self.n_train = max(1, len(self.train_starts) // batch_size)
+        self.n_alpha = max(1, len(self.valid_starts) // batch_size)
         self.n_valid = math.ceil(len(self.valid_starts) / batch_size)
         self._train_order, self._valid_order = self.train_starts, self.valid_starts
         self.mean, self.std = mean, std
@@ -230,7 +235,7 @@ class SeriesBatches:
         return self._take(self._train_order, i % self.n_train)
 
     def valid_batch(self, i: int) -> tuple[Tensor, Tensor]:
-        return self._take(self._valid_order, i % self.n_valid)
+        return self._take(self._valid_order, i % self.n_alpha)
 
     def eval_batch(self, i: int) -> tuple[Tensor, Tensor]:
         return self._take(self.valid_starts, i)

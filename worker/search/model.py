@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cell import n_edges, run_cell, softmax_alpha
+from .cell import CellNorm, n_edges, run_cell, softmax_alpha
 from .spec import PRIMITIVES, JobSpec
 
 INIT_RANGE = 0.04  # the paper's uniform init range for the cell's matrices
@@ -52,6 +52,8 @@ class SearchNetwork(nn.Module):
         self.w0 = nn.Parameter(_uniform((ninp + m.nhid, 2 * m.nhid), INIT_RANGE, generator))
         self.ws = nn.Parameter(_uniform((m.steps, m.nhid, 2 * m.nhid), INIT_RANGE, generator))
         self.alpha = nn.Parameter(1e-3 * torch.randn(n_edges(m.steps), len(PRIMITIVES), generator=generator))
+        self.register_buffer("bn_mean", torch.zeros(m.nhid))  # the cell's batch norm statistics
+        self.register_buffer("bn_var", torch.ones(m.nhid))
         self.locked = LockedDropout()
         self.cell_impl = "fused"
         self.gen: torch.Generator | None = None  # dropout masks come from here; set by the search
@@ -85,7 +87,8 @@ class SearchNetwork(nn.Module):
             x = x * x_mask
         xproj = x @ self.w0[:ninp]  # (T, B, 2H): the input's share of s_0, for all steps at once
         h_mask = self._mask((x.shape[1], self.nhid), self.dropouth)
-        return run_cell(xproj, hidden, self.w0[ninp:], self.ws, self.probs(), h_mask, self.cell_impl)
+        bn = CellNorm(self.bn_mean, self.bn_var, self.training)
+        return run_cell(xproj, hidden, self.w0[ninp:], self.ws, self.probs(), h_mask, bn, self.cell_impl)
 
 
 class LanguageModel(SearchNetwork):

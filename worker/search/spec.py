@@ -13,7 +13,7 @@ import copy
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 PRIMITIVES: tuple[str, ...] = ("none", "tanh", "relu", "sigmoid", "identity")
@@ -189,12 +189,12 @@ class SearchSpec(Strict):
     """The bilevel search: epochs, batching, DARTS order and the virtual step's xi."""
 
     epochs: int = Field(gt=0, le=LIMITS.epochs)
-    batch_size: int = Field(gt=0, le=LIMITS.batch_size)
+    batch_size: int = Field(ge=2, le=LIMITS.batch_size, description="the cell's batch norm needs 2 or more")
     bptt: int | None = Field(default=None, ge=2, le=LIMITS.bptt, description="sequence length (LM)")
     order: Literal["first", "second"] = "first"
     grad_clip: float = Field(gt=0.0, le=1e4, description="max norm of the weights' gradient")
     seed: int = Field(default=0, ge=0, lt=2**31)
-    xi: Literal["follow_lr"] | Annotated[float, Field(ge=0.0, le=1e3)] = Field(
+    xi: Literal["follow_lr"] | float = Field(
         default="follow_lr",
         description="step size of the second-order virtual step; 'follow_lr' uses the weights' current lr",
     )
@@ -204,6 +204,17 @@ class SearchSpec(Strict):
     eval_batches: int | None = Field(
         default=None, gt=0, le=LIMITS.eval_batches, description="cap on validation batches per evaluation"
     )
+
+
+    @field_validator("xi", mode="before")
+    @classmethod
+    def _xi(cls, value: Any) -> Any:
+        ok = value == "follow_lr" or (
+            isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1e3
+        )
+        if not ok:
+            raise ValueError("xi must be 'follow_lr' or a number from 0 to 1000")
+        return value
 
 
 class SGDSpec(Strict):
@@ -502,13 +513,17 @@ def _cross_field_errors(spec: JobSpec) -> Any:
             yield ("dataset", "builtin"), msg, builtin.name
         elif builtin.length is not None and m.window is not None and m.horizon is not None:
             n_train, n_valid = series_split_lengths(builtin.length)
-            if m.horizon > n_valid:
-                msg = f"horizon ({m.horizon}) exceeds the {n_valid} validation rows of {builtin.name!r}"
-                yield ("model", "horizon"), msg, m.horizon
-            if m.window + m.horizon > n_train:
+            # Each part must hold at least two windows (a batch of one cannot be batch-normalised).
+            if m.horizon + 1 > n_valid:
                 msg = (
-                    f"window + horizon ({m.window + m.horizon}) exceeds the {n_train} training rows "
-                    f"of {builtin.name!r}"
+                    f"horizon ({m.horizon}) leaves fewer than two validation windows in the {n_valid} "
+                    f"validation rows of {builtin.name!r}"
+                )
+                yield ("model", "horizon"), msg, m.horizon
+            if m.window + m.horizon + 1 > n_train:
+                msg = (
+                    f"window + horizon ({m.window + m.horizon}) leaves fewer than two training windows in "
+                    f"the {n_train} training rows of {builtin.name!r}"
                 )
                 yield ("model", "window"), msg, m.window
 
