@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import itertools
 import json
 import os
@@ -32,11 +33,14 @@ from pathlib import Path
 
 import torch
 
-from worker.search.data import Corpus, load_corpus
-from worker.search.engine import Search
-from worker.search.spec import JobSpec
-
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python bench/search_step.py` puts bench/, not the repository, on the path
+    sys.path.insert(0, str(REPO))
+
+from worker.search.data import Corpus, load_corpus  # noqa: E402
+from worker.search.engine import Search  # noqa: E402
+from worker.search.spec import JobSpec  # noqa: E402
+
 MIB = 1024 * 1024
 IMPLS = ("fused", "reference")
 ORDERS = ("first", "second")
@@ -99,16 +103,32 @@ def make_spec(size: Size, order: str, batches: int) -> JobSpec:
 # --- memory probes ---------------------------------------------------------------------------------
 
 
+def _status_kib(field: str) -> int | None:
+    """A size field of /proc/self/status (VmRSS, VmHWM) in KiB; None where there is no such file."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def current_rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    rss = _status_kib("VmRSS")
+    return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def peak_rss_kib() -> int:
+    """The process's peak RSS. VmHWM rather than ru_maxrss: on Linux ru_maxrss also keeps the peak of the
+    memory the process had before exec (the parent's, through fork), and clear_refs does not reset it."""
+    hwm = _status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
 
 
 def reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0) so ru_maxrss excludes transient setup peaks."""
+    """Reset the RSS high-water mark (Linux >= 4.0) so the peak excludes transient setup peaks."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -187,7 +207,7 @@ def measure(size_name: str, order: str, impl: str, warmup: int, repeats: int) ->
     probe = SavedTensorBytes()
     with probe.watch():
         search.train_epoch(lambda: True, None)  # should_stop is asked only after the first step
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak_kib = peak_rss_kib()
     return Measurement(
         size=size_name,
         order=order,
@@ -222,24 +242,35 @@ class CheckRow:
 
 
 def check_equivalence(corpus: Corpus, label: str, size: Size, dtype: torch.dtype, train: bool) -> CheckRow:
-    """Same weights, alpha, batch (and, in train mode, the same dropout masks): loss and all gradients."""
+    """Same weights, alpha, buffers, batch and dropout masks: compare the loss, the gradients of all
+    parameters (weights and alpha) and the buffers after the pass (the cell's running statistics)."""
     search = Search(make_spec(size, "first", 1), corpus, torch.device("cpu"))
     model = search.model.to(dtype)
-    model.train(train)
-    params = [p for _, p in model.named_parameters()]  # the weights and alpha
+    params = [p for _, p in model.named_parameters()]
     x, y = search.batches.train_batch(0)
     hidden = model.init_hidden(size.batch)
+    # Running statistics as after some training: eval mode normalises with them, and with their initial
+    # values (mean 0, var 1) the summed node states of an untrained cell grow geometrically.
+    with torch.no_grad():
+        model.train()
+        model.loss(x, y, hidden)
+    model.train(train)
+    buffers = [b.detach().clone() for b in model.buffers()]
     masks = model.gen.get_state() if model.gen is not None else None
-    results: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+    results: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
     for impl in ("reference", "fused"):
         model.cell_impl = impl
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)  # the reference pass updated them in train mode
         if masks is not None and model.gen is not None:
             model.gen.set_state(masks)  # identical dropout masks for both implementations
         loss, _ = model.loss(x, y, hidden)
-        results[impl] = (loss.detach(), torch.autograd.grad(loss, params))
-    (ref_loss, ref_grads), (loss, grads) = results["reference"], results["fused"]
-    abs_diffs = [float((g - r).abs().max()) for g, r in zip(grads, ref_grads, strict=True)]
-    rel_diffs = [d / max(float(r.abs().max()), 1e-30) for d, r in zip(abs_diffs, ref_grads, strict=True)]
+        grads = torch.autograd.grad(loss, params)
+        results[impl] = (loss.detach(), [*grads, *(b.detach().clone() for b in model.buffers())])
+    (ref_loss, ref_values), (loss, values) = results["reference"], results["fused"]
+    abs_diffs = [float((v - r).abs().max()) for v, r in zip(values, ref_values, strict=True)]
+    rel_diffs = [d / max(float(r.abs().max()), 1e-30) for d, r in zip(abs_diffs, ref_values, strict=True)]
     loss_diff = float((loss - ref_loss).abs())
     if dtype == torch.float64:
         ok = max([loss_diff, *abs_diffs]) < 1e-6
@@ -319,7 +350,8 @@ def targets(results: list[Measurement]) -> list[str]:
         t, mem = fused.median / ref.median, fused.peak_rss_mib / ref.peak_rss_mib
         if size == "paper" and order == "first":
             out.append(f"- paper, first order: time {t:.2f} of reference (target <= 0.75: {_met(t <= 0.75)}), ")
-            out[-1] += f"peak RSS {mem:.2f} of reference (target <= 0.33: {_met(mem <= 1 / 3)})"
+            out[-1] += f"peak RSS {mem:.2f} of reference (target <= 0.33: {_met(mem <= 1 / 3)}; "
+            out[-1] += f"saved for backward {fused.saved_mib / ref.saved_mib:.2f})"
         if size == "small":
             out.append(f"- small, {order} order: {1 / t:.2f}x faster (target >= 3x: {_met(1 / t >= 3)})")
     return out
@@ -346,13 +378,15 @@ def main() -> None:
         print("RESULT " + json.dumps(asdict(result)), flush=True)
         return
 
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # keep the table and stderr's progress lines in order
     print(f"Machine: {machine()}")
     print(f"Command: `{command_line()}`")
     print(f"Data: {data_dir() / 'ptb'}\n", flush=True)
 
     if not args.skip_check:
-        print("Numerical check, fused vs reference (loss and gradients of all weights and alpha):\n")
-        print("| case | abs diff of loss | max abs diff of grads | max rel diff of grads | ok |")
+        print("Numerical check, fused vs reference (loss; gradients of all weights and alpha; running statistics):\n")
+        print("| case | abs diff of loss | max abs diff (grads, stats) | max rel diff (grads, stats) | ok |")
         print("| --- | ---: | ---: | ---: | --- |")
         rows = numerical_check()
         for r in rows:
@@ -362,6 +396,7 @@ def main() -> None:
         if bad:
             sys.exit(f"fused and reference disagree: {bad}")
 
+    started = time.perf_counter()
     results = []
     for size in args.sizes:
         for order in args.orders:
@@ -384,6 +419,7 @@ def main() -> None:
     if lines:
         print("\nTargets:\n")
         print("\n".join(lines))
+    print(f"\nBenchmark wall time: {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

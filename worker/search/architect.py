@@ -27,6 +27,7 @@ class Architect:
         order: str,
         xi: float | None,
         weight_decay: float,
+        hessian_eps: float = 0.01,
     ) -> None:
         self.model = model
         self.weight_optimizer = weight_optimizer
@@ -34,6 +35,7 @@ class Architect:
         self.second_order = order == "second"
         self.xi = xi
         self.weight_decay = weight_decay
+        self.hessian_eps = hessian_eps  # the paper's 0.01: the weights move by this much (L2) each way
 
     def current_xi(self) -> float:
         return float(self.weight_optimizer.param_groups[0]["lr"]) if self.xi is None else self.xi
@@ -74,7 +76,7 @@ class Architect:
         if xi == 0 or float(norm) == 0.0:
             _restore(weights, saved)
             return d_alpha, hidden
-        r = 0.01 / norm
+        r = self.hessian_eps / norm
         grads_at = []
         for sign in (1.0, -1.0):  # grad_a L_train(w +- r dw', a)
             with torch.no_grad():

@@ -147,7 +147,7 @@ class Search:
             if not math.isfinite(value):
                 raise SearchDiverged(
                     f"the training loss became {value} in epoch {self.epoch + 1}, step {step + 1}; "
-                    "lower optimizer.lr or search.grad_clip"
+                    "the search cannot go on (if it grew step by step, lower optimizer.lr or search.grad_clip)"
                 )
             samples = batches.samples(y)
             total_loss += value * samples
@@ -251,7 +251,9 @@ def run_search(
         val_loss = search.evaluate()
         search.schedule.after_epoch(val_loss)
         epoch = search.epoch + 1
-        improved = search.stopper.update(epoch, val_loss)
+        search.stopper.update(epoch, val_loss)
+        best_before = min((r["val_loss"] for r in search.history), default=math.inf)
+        improved = val_loss < best_before  # the lowest validation loss so far, whatever min_delta says
         record: EpochRecord = {
             "epoch": epoch,
             "train_loss": train["train_loss"],
@@ -259,7 +261,7 @@ def run_search(
             "val_ppl": math.exp(min(val_loss, 700.0)) if spec.task == "language_model" else None,
             "lr": lr,
             "arch_lr": arch_lr,
-            "best_val_loss": search.stopper.best,
+            "best_val_loss": min(val_loss, best_before),
             "genotype": search.model.genotype(),
             "alpha": search.alpha_probs(),
             "seconds": time.perf_counter() - started,
@@ -280,13 +282,14 @@ def run_search(
             break
     if stop_reason == "cancelled" and at_boundary and store is not None and saved_epoch < search.epoch:
         store.save(search.state_dict(), epoch=search.epoch, kind="epoch")
+    best = min(search.history, key=lambda r: r["val_loss"], default=None)
     return SearchResult(
         records=search.history,
         genotype=search.model.genotype(),
         alpha=search.alpha_probs(),
         stop_reason=stop_reason,
-        best_val_loss=search.stopper.best if search.stopper.best_epoch else None,
-        best_epoch=search.stopper.best_epoch,
+        best_val_loss=best["val_loss"] if best else None,
+        best_epoch=best["epoch"] if best else None,
         checkpoints=store.items() if store is not None else [],
     )
 

@@ -478,12 +478,11 @@ def tiny_dict(task: Task = "forecast") -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Override sections key by key; a new `dataset`, or a section with a new `type`, replaces the old one."""
     out = copy.deepcopy(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and "type" not in value:
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
+        keep = isinstance(value, dict) and isinstance(out.get(key), dict) and "type" not in value
+        out[key] = {**out[key], **value} if keep and key != "dataset" else value
     return out
 
 
