@@ -13,7 +13,27 @@ from worker.search.data import Corpus, Series, load_corpus
 from worker.search.engine import TIMING_FIELDS
 from worker.search.spec import JobSpec
 
-WORDS = "the cat sat on a mat while dogs ran past red cars and blue trees under bright summer sky".split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "dogs",
+    "ran",
+    "past",
+    "red",
+    "cars",
+    "and",
+    "blue",
+    "trees",
+    "under",
+    "bright",
+    "summer",
+    "sky",
+]
 
 
 def write_corpus(folder: Path, *, tokens: int = 3000, seed: int = 0) -> Path:

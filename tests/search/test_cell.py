@@ -73,6 +73,12 @@ def test_only_none_weight_on_every_edge_keeps_the_highway_input_out() -> None:
     alpha = torch.full((n_edges(STEPS), 5), -1e4, dtype=F64)
     alpha[:, 0] = 0.0
     out = fused_cell_step(
-        t["xproj"], t["h_prev"], t["w0h"], t["ws"], softmax_alpha(alpha), None, norm(True)  # type: ignore[arg-type]
+        t["xproj"],
+        t["h_prev"],
+        t["w0h"],
+        t["ws"],
+        softmax_alpha(alpha),
+        None,
+        norm(True),  # type: ignore[arg-type]
     )
     torch.testing.assert_close(out, torch.zeros(B, H, dtype=F64), rtol=0, atol=1e-6)

@@ -18,8 +18,17 @@ from worker.search.spec import PRIMITIVES, JobSpec
 from .factories import forecast_spec, lm_spec, tiny_corpus, tiny_series, without_timing
 
 RECORD_FIELDS = {
-    "epoch", "train_loss", "val_loss", "val_ppl", "lr", "arch_lr", "best_val_loss", "genotype", "alpha",
-    "seconds", "samples_per_second",
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_ppl",
+    "lr",
+    "arch_lr",
+    "best_val_loss",
+    "genotype",
+    "alpha",
+    "seconds",
+    "samples_per_second",
 }
 
 
@@ -85,9 +94,7 @@ def test_early_stopping_rule_on_a_sequence() -> None:
 @pytest.mark.parametrize(("patience", "min_delta"), [(0, 1e9), (2, 1e9), (1, 0.005), (0, 0.0)])
 def test_early_stopping_ends_on_exactly_the_epoch_the_rule_names(patience: int, min_delta: float) -> None:
     epochs = 8
-    spec = forecast_spec(
-        search={"epochs": epochs}, early_stopping={"patience": patience, "min_delta": min_delta}
-    )
+    spec = forecast_spec(search={"epochs": epochs}, early_stopping={"patience": patience, "min_delta": min_delta})
     result = run_search(spec, data=tiny_series())
     full = run_search(spec.model_copy(update={"early_stopping": None}), data=tiny_series()).records
     expected = expected_stop_epoch([r["val_loss"] for r in full], patience, min_delta)
@@ -163,7 +170,9 @@ def test_a_cancel_inside_an_epoch_keeps_the_checkpoints_and_drops_the_partial_ep
         nonlocal steps
         steps += 1
 
-    result = run_search(spec, data=tiny_series(), checkpoint_dir=tmp_path, on_step=on_step, should_stop=lambda: steps >= 6)
+    result = run_search(
+        spec, data=tiny_series(), checkpoint_dir=tmp_path, on_step=on_step, should_stop=lambda: steps >= 6
+    )
     assert result.stop_reason == "cancelled"
     assert [r["epoch"] for r in result.records] == [1]  # epoch 2 was cut at step 2 of 4
     assert steps == 6
@@ -185,7 +194,15 @@ def test_checkpoints_hold_everything_and_are_pruned_to_keep_last(tmp_path: Path)
     assert not list(tmp_path.glob(".*tmp")), "no temporary files are left behind"
     state = torch.load(tmp_path / "epoch-0005.pt", weights_only=True)
     assert set(state) >= {
-        "model", "weight_optimizer", "arch_optimizer", "scheduler", "early_stopping", "rng", "epoch", "spec", "history"
+        "model",
+        "weight_optimizer",
+        "arch_optimizer",
+        "scheduler",
+        "early_stopping",
+        "rng",
+        "epoch",
+        "spec",
+        "history",
     }
     assert "alpha" in state["model"] and state["epoch"] == 5
     assert JobSpec.model_validate_json(state["spec"]) == spec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,17 @@ SCHEDULES: list[dict[str, Any]] = [
     {"type": "StepLR", "step_size": 2, "gamma": 0.5, "warmup_epochs": 1, "warmup_start_factor": 0.25},
 ]
 CASES = [
-    *(pytest.param(s | {"interval": i}, id=f"{s['type']}-{i}{'-warmup' if 'warmup_epochs' in s else ''}")
-      for s in SCHEDULES for i in ("epoch", "step")),
+    *(
+        pytest.param(s | {"interval": i}, id=f"{s['type']}-{i}{'-warmup' if 'warmup_epochs' in s else ''}")
+        for s in SCHEDULES
+        for i in ("epoch", "step")
+    ),
     pytest.param({"type": "OneCycleLR", "max_lr": 0.05, "interval": "step"}, id="OneCycleLR-step"),
     pytest.param({"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "threshold": 0.05}, id="Plateau-epoch"),
-    pytest.param({"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "threshold": 0.05, "warmup_epochs": 2},
-                 id="Plateau-epoch-warmup"),
+    pytest.param(
+        {"type": "ReduceLROnPlateau", "factor": 0.5, "patience": 0, "threshold": 0.05, "warmup_epochs": 2},
+        id="Plateau-epoch-warmup",
+    ),
     pytest.param(None, id="constant"),
 ]
 
@@ -77,7 +83,9 @@ def reference_lrs(spec: JobSpec, val_losses: list[float]) -> list[float]:
 
 
 @pytest.mark.parametrize("scheduler", CASES)
-def test_recorded_lr_is_torchs_schedule_and_alpha_lr_never_moves(scheduler: dict[str, Any] | None, tmp_path: Path) -> None:
+def test_recorded_lr_is_torchs_schedule_and_alpha_lr_never_moves(
+    scheduler: dict[str, Any] | None, tmp_path: Path
+) -> None:
     spec = forecast_spec(
         optimizer=SGD,
         scheduler=scheduler,
@@ -121,7 +129,7 @@ def test_plateau_reduces_only_on_a_plateau_of_the_validation_loss() -> None:
     )
     records = run_search(spec, data=tiny_series()).records
     best = float("inf")
-    for before, after in zip(records, records[1:]):
+    for before, after in itertools.pairwise(records):
         improved = before["val_loss"] < best * (1 - 0.05)
         best = min(best, before["val_loss"]) if improved else best
         assert after["lr"] == pytest.approx(before["lr"] * (1.0 if improved else 0.5), rel=1e-12)

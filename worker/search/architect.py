@@ -66,7 +66,7 @@ class Architect:
         grads = torch.autograd.grad(loss, weights)
         saved = [w.detach().clone() for w in weights]
         with torch.no_grad():
-            for w, g in zip(weights, grads):
+            for w, g in zip(weights, grads, strict=False):
                 w.sub_(xi * (g + self.weight_decay * w))  # the virtual step
         loss, hidden = model.loss(*valid, valid_hidden)
         d_alpha, *d_weights = torch.autograd.grad(loss, [alpha, *weights])
@@ -80,7 +80,7 @@ class Architect:
         grads_at = []
         for sign in (1.0, -1.0):  # grad_a L_train(w +- r dw', a)
             with torch.no_grad():
-                for w, w0, d in zip(weights, saved, d_weights):
+                for w, w0, d in zip(weights, saved, d_weights, strict=False):
                     w.copy_(w0 + sign * r * d)
             if gen is not None and train_masks is not None:
                 gen.set_state(train_masks)
@@ -95,5 +95,5 @@ class Architect:
 
 def _restore(weights: list[torch.nn.Parameter], saved: list[Tensor]) -> None:
     with torch.no_grad():
-        for w, w0 in zip(weights, saved):
+        for w, w0 in zip(weights, saved, strict=False):
             w.copy_(w0)

@@ -127,7 +127,7 @@ def _mixed(hh: Tensor, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 class _FusedCellStep(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         xproj: Tensor,
         h_prev: Tensor,
@@ -168,7 +168,7 @@ class _FusedCellStep(torch.autograd.Function):
         return states[1:].mean(0)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         h_prev, mask, w0h, ws, probs, c0, h0, states, pre, inv_std = ctx.saved_tensors
         bn: CellNorm = ctx.bn
         need_x, need_h, need_w0h, need_ws, need_p = ctx.needs_input_grad[:5]

@@ -115,6 +115,6 @@ class CheckpointStore:
                 continue
             try:
                 return info, load_checkpoint(path, map_location)
-            except Exception:  # noqa: BLE001 - any unreadable file is skipped for the one before
+            except Exception:
                 continue
         return None

@@ -128,7 +128,9 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_architecture(out: Path, genotype: dict[str, Any], alpha: list[list[float]], epoch: int, *, final: bool) -> None:
+def _write_architecture(
+    out: Path, genotype: dict[str, Any], alpha: list[list[float]], epoch: int, *, final: bool
+) -> None:
     body = {"genotype": genotype, "alpha": alpha, "primitives": list(PRIMITIVES), "epoch": epoch, "final": final}
     tmp = out / ".architecture.json.tmp"
     tmp.write_text(json.dumps(body, indent=1) + "\n")
@@ -154,7 +156,9 @@ class _Progress:
     def epoch_done(self, record: dict[str, Any]) -> None:
         self.epochs_done = record["epoch"]
         self.bar.set_description(f"epoch {min(self.epochs_done + 1, self.total_epochs)}/{self.total_epochs}")
-        self.bar.set_postfix(train=f"{record['train_loss']:.4g}", val=f"{record['val_loss']:.4g}", lr=f"{record['lr']:.3g}")
+        self.bar.set_postfix(
+            train=f"{record['train_loss']:.4g}", val=f"{record['val_loss']:.4g}", lr=f"{record['lr']:.3g}"
+        )
 
     def close(self) -> None:
         self.bar.close()

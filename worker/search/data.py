@@ -60,7 +60,7 @@ def _tokenize(path: Path, index: dict[str, int], *, grow: bool) -> Tensor:
     ids: list[int] = []
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
-            for word in line.split() + [EOS]:
+            for word in [*line.split(), EOS]:
                 i = index.get(word)
                 if i is None:
                     i = index.setdefault(word, len(index)) if grow else index[UNK]
@@ -100,7 +100,7 @@ def _vega_csv(name: str) -> Path:
     found = importlib.util.find_spec("vega_datasets")
     if found is None or not found.submodule_search_locations:
         raise DataError("the vega_datasets package is not installed, so built-in series are unavailable")
-    return Path(list(found.submodule_search_locations)[0]) / "_data" / f"{name}.csv"
+    return Path(next(iter(found.submodule_search_locations))) / "_data" / f"{name}.csv"
 
 
 def load_builtin_series(name: str) -> Series:
@@ -203,9 +203,7 @@ class SeriesBatches:
         length, self.features = series.values.shape
         n_train, n_valid = series_split_lengths(length)
         if window + horizon > n_train:
-            raise DataError(
-                f"window + horizon ({window + horizon}) exceeds the {n_train} training rows of this series"
-            )
+            raise DataError(f"window + horizon ({window + horizon}) exceeds the {n_train} training rows of this series")
         if n_valid < horizon:
             raise DataError(f"the validation part has {n_valid} rows, fewer than horizon {horizon}")
         train = series.values[:n_train]

@@ -117,7 +117,9 @@ class Search:
     def hidden(self, batch: int) -> Tensor:
         return self.model.init_hidden(batch)
 
-    def train_epoch(self, should_stop: Callable[[], bool], on_step: Callable[[int, int], None] | None) -> dict[str, float] | None:
+    def train_epoch(
+        self, should_stop: Callable[[], bool], on_step: Callable[[int, int], None] | None
+    ) -> dict[str, float] | None:
         """One epoch of alternating alpha and weight steps; None when stopped before its end."""
         model, batches = self.model, self.batches
         model.train()
@@ -136,7 +138,7 @@ class Search:
             h_valid = self.architect.step((x, y), h_train, (xv, yv), h_valid)
             loss, h_train = model.loss(x, y, h_train)
             grads = torch.autograd.grad(loss, self.weights)  # the weights only: alpha gets no gradient here
-            for w, g in zip(self.weights, grads):
+            for w, g in zip(self.weights, grads, strict=False):
                 w.grad = g
             nn.utils.clip_grad_norm_(self.weights, self.spec.search.grad_clip)
             self.weight_optimizer.step()
@@ -174,7 +176,7 @@ class Search:
 
     def alpha_probs(self) -> list[list[float]]:
         with torch.no_grad():
-            return self.model.probs().tolist()  # type: ignore[no-any-return]
+            return self.model.probs().tolist()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -294,4 +296,4 @@ def run_search(
     )
 
 
-__all__ = ["DataError", "EpochRecord", "PRIMITIVES", "SearchDiverged", "SearchResult", "run_search"]
+__all__ = ["PRIMITIVES", "DataError", "EpochRecord", "SearchDiverged", "SearchResult", "run_search"]

@@ -44,6 +44,9 @@ class LockedDropout(nn.Module):
 class SearchNetwork(nn.Module):
     """The cell's parameters, alpha, and what both tasks share; subclasses add input and output layers."""
 
+    bn_mean: Tensor
+    bn_var: Tensor
+
     def __init__(self, spec: JobSpec, ninp: int, generator: torch.Generator) -> None:
         super().__init__()
         m = spec.model
@@ -57,6 +60,10 @@ class SearchNetwork(nn.Module):
         self.locked = LockedDropout()
         self.cell_impl = "fused"
         self.gen: torch.Generator | None = None  # dropout masks come from here; set by the search
+
+    def loss(self, inputs: Tensor, targets: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The task's loss on one batch and the hidden state to carry on."""
+        raise NotImplementedError
 
     def weight_parameters(self) -> Iterator[nn.Parameter]:
         """Every parameter except alpha: what the weights' optimizer and its schedule own."""

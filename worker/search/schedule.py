@@ -30,7 +30,8 @@ def build_weight_optimizer(spec: SGDSpec | AdamSpec, params: Iterable[nn.Paramet
 
 def build_arch_optimizer(spec: ArchOptimizerSpec, params: Iterable[nn.Parameter]) -> torch.optim.Adam:
     """Adam on alpha at a fixed learning rate (no schedule ever touches it)."""
-    return torch.optim.Adam(list(params), lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+    betas = (spec.betas[0], spec.betas[1])
+    return torch.optim.Adam(list(params), lr=spec.lr, betas=betas, weight_decay=spec.weight_decay)
 
 
 def check_disjoint(
@@ -81,9 +82,7 @@ class WeightSchedule:
         cls = getattr(lr_scheduler, spec.type)
         main = cls(optimizer, **scheduler_kwargs(spec, total_steps=epochs * unit))
         if self.warmup is not None and not self.plateau:
-            self.scheduler = lr_scheduler.SequentialLR(
-                optimizer, [self.warmup, main], milestones=[self.warmup_steps]
-            )
+            self.scheduler = lr_scheduler.SequentialLR(optimizer, [self.warmup, main], milestones=[self.warmup_steps])
         else:
             self.scheduler = main
 

@@ -10,8 +10,9 @@ sensible, quick search. Caps that keep one job from exhausting a worker live in 
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -61,9 +62,7 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     for d in (
         BuiltinDataset("ptb", "language_model", "Penn Treebank, word level (Mikolov et al.)"),
         BuiltinDataset("wikitext-2", "language_model", "WikiText-2, word level (Merity et al.)"),
-        BuiltinDataset(
-            "seattle-temps", "forecast", "Seattle hourly temperature, 2010", length=8759, features=1
-        ),
+        BuiltinDataset("seattle-temps", "forecast", "Seattle hourly temperature, 2010", length=8759, features=1),
         BuiltinDataset(
             "seattle-weather",
             "forecast",
@@ -205,7 +204,6 @@ class SearchSpec(Strict):
         default=None, gt=0, le=LIMITS.eval_batches, description="cap on validation batches per evaluation"
     )
 
-
     @field_validator("xi", mode="before")
     @classmethod
     def _xi(cls, value: Any) -> Any:
@@ -247,7 +245,7 @@ class AdamSpec(Strict):
         return self
 
 
-OptimizerSpec = Annotated[Union[SGDSpec, AdamSpec], Field(discriminator="type")]
+OptimizerSpec = Annotated[SGDSpec | AdamSpec, Field(discriminator="type")]
 
 
 class ArchOptimizerSpec(Strict):
@@ -356,19 +354,17 @@ class ReduceLROnPlateauSpec(_Sched):
 
 
 SchedulerSpec = Annotated[
-    Union[
-        StepLRSpec,
-        MultiStepLRSpec,
-        ConstantLRSpec,
-        LinearLRSpec,
-        ExponentialLRSpec,
-        PolynomialLRSpec,
-        CosineAnnealingLRSpec,
-        CosineAnnealingWarmRestartsSpec,
-        CyclicLRSpec,
-        OneCycleLRSpec,
-        ReduceLROnPlateauSpec,
-    ],
+    StepLRSpec
+    | MultiStepLRSpec
+    | ConstantLRSpec
+    | LinearLRSpec
+    | ExponentialLRSpec
+    | PolynomialLRSpec
+    | CosineAnnealingLRSpec
+    | CosineAnnealingWarmRestartsSpec
+    | CyclicLRSpec
+    | OneCycleLRSpec
+    | ReduceLROnPlateauSpec,
     Field(discriminator="type"),
 ]
 SCHEDULER_TYPES: tuple[str, ...] = (
@@ -537,40 +533,40 @@ def _scheduler_errors(spec: JobSpec) -> Any:
     loc = ("scheduler",)
     if sched.warmup_epochs >= spec.search.epochs:
         msg = f"warmup_epochs ({sched.warmup_epochs}) must be below search.epochs ({spec.search.epochs})"
-        yield loc + ("warmup_epochs",), msg, sched.warmup_epochs
+        yield (*loc, "warmup_epochs"), msg, sched.warmup_epochs
     if isinstance(sched, (CosineAnnealingLRSpec, CosineAnnealingWarmRestartsSpec)) and sched.eta_min >= lr:
         msg = f"eta_min ({sched.eta_min}) must be below the optimizer's lr ({lr})"
-        yield loc + ("eta_min",), msg, sched.eta_min
+        yield (*loc, "eta_min"), msg, sched.eta_min
     if isinstance(sched, ReduceLROnPlateauSpec):
         if sched.min_lr >= lr:
-            yield loc + ("min_lr",), f"min_lr ({sched.min_lr}) must be below the optimizer's lr ({lr})", sched.min_lr
+            yield (*loc, "min_lr"), f"min_lr ({sched.min_lr}) must be below the optimizer's lr ({lr})", sched.min_lr
         if sched.interval != "epoch":
             msg = "ReduceLROnPlateau steps on the validation loss, which exists once per epoch: use interval 'epoch'"
-            yield loc + ("interval",), msg, sched.interval
+            yield (*loc, "interval"), msg, sched.interval
     if isinstance(sched, OneCycleLRSpec):
         if sched.interval != "step":
             msg = "OneCycleLR is a per-step schedule over the whole run: use interval 'step'"
-            yield loc + ("interval",), msg, sched.interval
+            yield (*loc, "interval"), msg, sched.interval
         if sched.warmup_epochs:
             msg = "OneCycleLR warms up by itself (pct_start); warmup_epochs must be 0"
-            yield loc + ("warmup_epochs",), msg, sched.warmup_epochs
+            yield (*loc, "warmup_epochs"), msg, sched.warmup_epochs
     if isinstance(sched, CyclicLRSpec):
         if sched.base_lr >= sched.max_lr:
-            yield loc + ("base_lr",), f"base_lr ({sched.base_lr}) must be below max_lr ({sched.max_lr})", sched.base_lr
+            yield (*loc, "base_lr"), f"base_lr ({sched.base_lr}) must be below max_lr ({sched.max_lr})", sched.base_lr
         if sched.warmup_epochs:
-            yield loc + ("warmup_epochs",), "CyclicLR sets its own rate from the start; warmup_epochs must be 0", 0
+            yield (*loc, "warmup_epochs"), "CyclicLR sets its own rate from the start; warmup_epochs must be 0", 0
     if isinstance(sched, (CyclicLRSpec, OneCycleLRSpec)) and sched.cycle_momentum:
         opt = spec.optimizer
         if isinstance(opt, SGDSpec) and opt.momentum == 0:
             msg = f"{sched.type} with cycle_momentum needs an optimizer with momentum; set optimizer.momentum > 0"
-            yield loc + ("cycle_momentum",), msg, True
+            yield (*loc, "cycle_momentum"), msg, True
         if sched.base_momentum >= sched.max_momentum:
             msg = f"base_momentum ({sched.base_momentum}) must be below max_momentum ({sched.max_momentum})"
-            yield loc + ("base_momentum",), msg, sched.base_momentum
+            yield (*loc, "base_momentum"), msg, sched.base_momentum
     if isinstance(sched, MultiStepLRSpec):
         ms = sched.milestones
-        if any(b <= a for a, b in zip(ms, ms[1:])) or ms[0] <= 0:
-            yield loc + ("milestones",), f"milestones must be positive and strictly increasing, got {ms}", ms
+        if any(b <= a for a, b in itertools.pairwise(ms)) or ms[0] <= 0:
+            yield (*loc, "milestones"), f"milestones must be positive and strictly increasing, got {ms}", ms
         elif sched.interval == "epoch":
             span = spec.search.epochs - sched.warmup_epochs
             if ms[-1] >= span:
@@ -578,4 +574,4 @@ def _scheduler_errors(spec: JobSpec) -> Any:
                     f"milestones must lie within the schedule's {span} epochs (search.epochs minus "
                     f"warmup_epochs); {ms[-1]} would never take effect"
                 )
-                yield loc + ("milestones",), msg, ms
+                yield (*loc, "milestones"), msg, ms
