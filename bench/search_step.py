@@ -3,9 +3,11 @@
 One search step is one `Search.train_epoch` step: an architect step on alpha (first or second order, on a
 validation batch) plus a weight step (grads over the weights, clip_grad_norm_, optimizer.step). The script
 drives the real engine (`Search.train_epoch`) and only switches `model.cell_impl` between "fused" and
-"reference". Each (size, order, impl) runs in its own subprocess so that its peak RSS is its own.
+"reference"; every timed step starts from the same saved search state. Each (size, order, impl) runs in
+its own subprocess so that its peak RSS is its own. Other work on the machine skews the times: the
+table's last column shows how many cores the benchmark and everything else kept busy.
 
-    PYTHONPATH=. .venv/bin/python bench/search_step.py                      # everything (~15 min on 2 cores)
+    PYTHONPATH=. .venv/bin/python bench/search_step.py                      # everything (~12 min on 2 cores)
     PYTHONPATH=. .venv/bin/python bench/search_step.py --sizes small --orders first --repeats 3
 
 PTB is read from $DARTS_DATA_DIR/ptb, else from ../shared/data/ptb next to the repository.
@@ -14,9 +16,9 @@ PTB is read from $DARTS_DATA_DIR/ptb, else from ../shared/data/ptb next to the r
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import io
-import itertools
 import json
 import os
 import platform
@@ -38,7 +40,7 @@ if str(REPO) not in sys.path:  # `python bench/search_step.py` puts bench/, not 
     sys.path.insert(0, str(REPO))
 
 from worker.search.data import Corpus, load_corpus  # noqa: E402
-from worker.search.engine import Search  # noqa: E402
+from worker.search.engine import Search, SearchDiverged  # noqa: E402
 from worker.search.spec import JobSpec  # noqa: E402
 
 MIB = 1024 * 1024
@@ -72,6 +74,9 @@ class Measurement:
     peak_rss_mib: float  # peak RSS during the steps minus the RSS just before them
     saved_mib: float  # peak bytes autograd held for backward during one step
     hwm_reset: bool  # whether the kernel let us reset the RSS high-water mark after setup
+    diverged: bool  # the step's training loss was not finite (its time still counts)
+    cores_busy: float  # this process's CPU seconds per wall second over the timed steps
+    cores_others: float  # the same for everything else on the machine (from /proc/stat): contention
 
     @property
     def median(self) -> float:
@@ -189,24 +194,44 @@ class _Held:
 
 
 def measure(size_name: str, order: str, impl: str, warmup: int, repeats: int) -> Measurement:
-    """Warm up, time `repeats` steps of Search.train_epoch, then one more step under the saved-tensor probe."""
+    """Warm up, time `repeats` search steps, then one more step under the saved-tensor probe.
+
+    Every step starts from the same saved state (weights, alpha, optimizers, RNG) and reads the same
+    batches, so both implementations time exactly the same computation, and a search that would drift
+    to NaN over many steps at these settings cannot make later steps unrepresentative.
+    """
     size = SIZES[size_name]
     corpus = load_corpus(data_dir() / "ptb")
-    search = Search(make_spec(size, order, warmup + repeats), corpus, torch.device("cpu"))
+    search = Search(make_spec(size, order, 1), corpus, torch.device("cpu"))
     search.model.cell_impl = impl
-    assert search.steps_per_epoch == warmup + repeats, "the corpus has too few batches for that many repeats"
     del corpus  # the batches hold their own copies
-    gc.collect()
+    start = copy.deepcopy(search.state_dict())  # a deep copy: state_dict shares the live tensors
+    diverged = False
 
+    def step() -> float:
+        """One Search.train_epoch step (should_stop is asked only after the first); returns its seconds."""
+        nonlocal diverged
+        search.load_state_dict(start)
+        began = time.perf_counter()
+        try:
+            search.train_epoch(lambda: True, None)
+        except SearchDiverged:  # raised after the step's work, which is what is being timed
+            diverged = True
+        return time.perf_counter() - began
+
+    gc.collect()
     hwm_reset = reset_peak_rss()
     baseline_kib = current_rss_kib()
-    stamps = [time.perf_counter()]
-    search.train_epoch(lambda: False, lambda step, total: stamps.append(time.perf_counter()))
-    times = [b - a for a, b in itertools.pairwise(stamps)][warmup:]
-
+    for _ in range(warmup):
+        step()
+    cpu_before, machine_before, wall_before = _cpu_seconds(), _machine_cpu_seconds(), time.perf_counter()
+    times = [step() for _ in range(repeats)]
+    wall = time.perf_counter() - wall_before
+    cores_busy = (_cpu_seconds() - cpu_before) / wall
+    cores_others = max(0.0, (_machine_cpu_seconds() - machine_before) / wall - cores_busy)
     probe = SavedTensorBytes()
     with probe.watch():
-        search.train_epoch(lambda: True, None)  # should_stop is asked only after the first step
+        step()
     peak_kib = peak_rss_kib()
     return Measurement(
         size=size_name,
@@ -216,7 +241,26 @@ def measure(size_name: str, order: str, impl: str, warmup: int, repeats: int) ->
         peak_rss_mib=(peak_kib - baseline_kib) / 1024,
         saved_mib=probe.peak / MIB,
         hwm_reset=hwm_reset,
+        diverged=diverged,
+        cores_busy=cores_busy,
+        cores_others=cores_others,
     )
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot (all but idle and iowait); 0 without /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def run_child(size: str, order: str, impl: str, warmup: int, repeats: int) -> Measurement:
@@ -319,14 +363,16 @@ def command_line() -> str:
 
 def table(results: list[Measurement]) -> str:
     lines = [
-        "| size | order | impl | s/step (median) | s/step (min) | peak RSS MiB | saved for backward MiB |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| size | order | impl | s/step (median) | s/step (min) | peak RSS MiB | saved for backward MiB "
+        "| cores: ours / others |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     by_key = {(m.size, m.order, m.impl): m for m in results}
     for m in results:
+        impl = m.impl + (" (loss NaN)" if m.diverged else "")
         lines.append(
-            f"| {m.size} | {m.order} | {m.impl} | {m.median:.3f} | {min(m.times):.3f} | "
-            f"{m.peak_rss_mib:.0f} | {m.saved_mib:.0f} |"
+            f"| {m.size} | {m.order} | {impl} | {m.median:.3f} | {min(m.times):.3f} | "
+            f"{m.peak_rss_mib:.0f} | {m.saved_mib:.0f} | {m.cores_busy:.2f} / {m.cores_others:.2f} |"
         )
         ref = by_key.get((m.size, m.order, "reference"))
         fused = by_key.get((m.size, m.order, "fused"))
@@ -334,7 +380,7 @@ def table(results: list[Measurement]) -> str:
             lines.append(
                 f"| {m.size} | {m.order} | **fused / reference** | **{fused.median / ref.median:.2f}** "
                 f"(**{ref.median / fused.median:.2f}x faster**) | {min(fused.times) / min(ref.times):.2f} | "
-                f"**{fused.peak_rss_mib / ref.peak_rss_mib:.2f}** | **{fused.saved_mib / ref.saved_mib:.2f}** |"
+                f"**{fused.peak_rss_mib / ref.peak_rss_mib:.2f}** | **{fused.saved_mib / ref.saved_mib:.2f}** | |"
             )
     return "\n".join(lines)
 
@@ -404,6 +450,8 @@ def main() -> None:
                 repeats = args.repeats or SIZES[size].repeats
                 m = run_child(size, order, impl, args.warmup, repeats)
                 results.append(m)
+                if m.diverged:
+                    print(f"warning: {size} {order} {impl}: the step's loss was not finite", file=sys.stderr)
                 if not m.hwm_reset:
                     print("warning: could not reset the RSS high-water mark; setup peaks may hide", file=sys.stderr)
                 print(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -60,14 +62,17 @@ def test_xi_follows_the_weights_current_lr_unless_fixed() -> None:
 
 
 @pytest.mark.parametrize(
-    ("hessian_eps", "rtol"),
+    ("hessian_eps", "rtol", "grad_clip"),
     # The paper's step (0.01 in weight space) approximates the Hessian-vector product to about 1% on this
-    # small, curved network; a tiny step shows the formula itself is exact.
-    [(0.01, 3e-2), (1e-6, 1e-5)],
-    ids=["paper-step", "tiny-step"],
+    # small, curved network; a tiny step shows the formula itself is exact, with and without clipping.
+    [(0.01, 3e-2, math.inf), (1e-6, 1e-5, math.inf), (1e-6, 1e-5, 0.05)],
+    ids=["paper-step", "tiny-step", "tiny-step-clipped"],
 )
-def test_second_order_alpha_gradient_agrees_with_finite_differences(hessian_eps: float, rtol: float) -> None:
-    """d/da L_val(w - xi (grad_w L_train(w, a) + wd w), a), by central differences in float64."""
+def test_second_order_alpha_gradient_agrees_with_finite_differences(
+    hessian_eps: float, rtol: float, grad_clip: float
+) -> None:
+    """d/da L_val(w - xi (k grad_w L_train(w, a) + wd w), a), by central differences in float64, where k
+    clips the gradient to grad_clip and is held fixed, as the paper's code treats it."""
     search = make_search(
         model={"steps": 2},
         search={"order": "second", "xi": 0.5, "batch_size": 32},
@@ -84,11 +89,16 @@ def test_second_order_alpha_gradient_agrees_with_finite_differences(hessian_eps:
         order="second",
         xi=0.5,
         weight_decay=0.01,
+        grad_clip=grad_clip,
         hessian_eps=hessian_eps,
     )
     grad, _ = architect.second_order_grad((xt, yt), h_t, (xv, yv), h_v)
 
     weights = list(model.weight_parameters())
+    base_grads = torch.autograd.grad(model.loss(xt, yt, h_t)[0], weights)
+    norm = float(torch.sqrt(sum((g * g).sum() for g in base_grads)))  # type: ignore[arg-type]
+    clip = min(1.0, grad_clip / (norm + 1e-6))
+    assert (clip < 0.5) == (grad_clip < 1), "the clipped case must really clip"
 
     def unrolled_val_loss() -> float:
         loss, _ = model.loss(xt, yt, h_t)
@@ -96,7 +106,7 @@ def test_second_order_alpha_gradient_agrees_with_finite_differences(hessian_eps:
         saved = [w.detach().clone() for w in weights]
         with torch.no_grad():
             for w, g in zip(weights, grads, strict=True):
-                w.sub_(0.5 * (g + 0.01 * w))
+                w.sub_(0.5 * (clip * g + 0.01 * w))
             value = float(model.loss(xv, yv, h_v)[0])
             for w, s in zip(weights, saved, strict=True):
                 w.copy_(s)
@@ -119,3 +129,29 @@ def test_second_order_alpha_gradient_agrees_with_finite_differences(hessian_eps:
     assert float((grad - numeric).abs().max()) <= rtol * scale
     first_order = torch.autograd.grad(model.loss(xv, yv, h_v)[0], [model.alpha])[0]
     assert float((first_order - numeric).abs().max()) > 10 * rtol * scale, "the check must tell the orders apart"
+
+
+def test_the_virtual_step_uses_the_clipped_gradient() -> None:
+    """At lr 20 an unclipped virtual step throws the weights thousands away and alpha turns NaN (found by the
+    benchmark at the paper's size); the paper's code clips the gradient first, and so do we."""
+    search = make_search(
+        search={"order": "second", "grad_clip": 0.25}, optimizer={"type": "SGD", "lr": 20.0, "weight_decay": 0.0}
+    )
+    model, architect = search.model, search.architect
+    train, valid = batches(search)
+    before = torch.cat([w.detach().flatten().clone() for w in search.weights])
+    at_valid: list[torch.Tensor] = []
+    loss = model.loss
+
+    def spy(inputs: torch.Tensor, targets: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if inputs is valid[0]:  # the validation pass runs at the virtual weights w'
+            at_valid.append(torch.cat([w.detach().flatten().clone() for w in search.weights]))
+        return loss(inputs, targets, hidden)
+
+    model.loss = spy  # type: ignore[method-assign]
+    h = search.hidden(train[0].shape[0])
+    architect.step(train, h, valid, h)
+    (virtual,) = at_valid
+    moved = float((virtual - before).norm())
+    assert 0 < moved <= 20.0 * 0.25 * (1 + 1e-5)  # xi * grad_clip
+    assert torch.equal(torch.cat([w.detach().flatten() for w in search.weights]), before)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -12,8 +13,10 @@ Batch = tuple[Tensor, Tensor]
 
 class Architect:
     """Updates alpha only. The second-order step takes a virtual SGD step on the weights,
-    w' = w - xi * (dL_train/dw + weight_decay * w), and approximates the Hessian-vector product of
-    eq. 8 by central differences; the weights are restored bit for bit afterwards.
+    w' = w - xi * (k * dL_train/dw + weight_decay * w), with k the factor that clips the gradient to
+    `grad_clip` (as the paper's code does: an unclipped virtual step at lr 20 throws the weights far
+    away), and approximates the Hessian-vector product of eq. 8 by central differences, scaled by the
+    same k; the weights are restored bit for bit afterwards.
 
     `xi` is a number, or None to follow the weights' current learning rate.
     """
@@ -27,6 +30,7 @@ class Architect:
         order: str,
         xi: float | None,
         weight_decay: float,
+        grad_clip: float = math.inf,
         hessian_eps: float = 0.01,
     ) -> None:
         self.model = model
@@ -35,6 +39,7 @@ class Architect:
         self.second_order = order == "second"
         self.xi = xi
         self.weight_decay = weight_decay
+        self.grad_clip = grad_clip
         self.hessian_eps = hessian_eps  # the paper's 0.01: the weights move by this much (L2) each way
 
     def current_xi(self) -> float:
@@ -64,10 +69,12 @@ class Architect:
 
         loss, _ = model.loss(*train, train_hidden)
         grads = torch.autograd.grad(loss, weights)
+        grad_norm = float(torch.sqrt(sum((g * g).sum() for g in grads)))  # type: ignore[arg-type]
+        clip = min(1.0, self.grad_clip / (grad_norm + 1e-6))  # what clip_grad_norm_ scales the step by
         saved = [w.detach().clone() for w in weights]
         with torch.no_grad():
-            for w, g in zip(weights, grads, strict=False):
-                w.sub_(xi * (g + self.weight_decay * w))  # the virtual step
+            for w, g in zip(weights, grads, strict=True):
+                w.sub_(xi * (clip * g + self.weight_decay * w))  # the virtual step
         loss, hidden = model.loss(*valid, valid_hidden)
         d_alpha, *d_weights = torch.autograd.grad(loss, [alpha, *weights])
         after_valid = gen.get_state() if gen is not None else None
@@ -90,7 +97,7 @@ class Architect:
         if gen is not None and after_valid is not None:
             gen.set_state(after_valid)  # later draws do not repeat the masks of the passes above
         hessian_vector = (grads_at[0] - grads_at[1]) / (2 * r)
-        return d_alpha - xi * hessian_vector, hidden
+        return d_alpha - xi * clip * hessian_vector, hidden
 
 
 def _restore(weights: list[torch.nn.Parameter], saved: list[Tensor]) -> None:

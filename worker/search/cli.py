@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("spec", type=Path, help="the job spec (JSON), as POST /jobs takes it")
     run.add_argument("--out", type=Path, required=True, help="folder for metrics, architecture and checkpoints")
     run.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    run.add_argument("--data-dir", type=Path, default=None, help="built-in corpora (default: $DARTS_DATA_DIR)")
+    run.add_argument(
+        "--data-dir", type=Path, default=None, help="built-in corpora (default: $DARTS_DATA_DIR, else ../shared/data)"
+    )
     run.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop cleanly after epoch N")
     run.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -72,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     from .data import DataError, load_dataset
     from .engine import SearchDiverged, run_search
 
-    data_dir = args.data_dir or Path(os.environ.get("DARTS_DATA_DIR", "data"))
+    data_dir = args.data_dir or Path(os.environ.get("DARTS_DATA_DIR") or "../shared/data")
     try:
         data = load_dataset(spec.dataset, spec.task, data_dir=data_dir)
     except DataError as exc:

@@ -130,8 +130,11 @@ def load_dataset(
     if ref.builtin is not None:
         if BUILTIN_DATASETS[ref.builtin].task == "forecast":
             return load_builtin_series(ref.builtin)
-        if data_dir is None:
-            raise DataError(f"built-in corpus {ref.builtin!r} needs a data directory")
+        if data_dir is None or not (data_dir / ref.builtin).is_dir():
+            raise DataError(
+                f"built-in corpus {ref.builtin!r} not found in the data directory ({data_dir}); "
+                "point the command line's --data-dir (or DARTS_DATA_DIR) at a folder holding ptb/ and wikitext-2/"
+            )
         return load_corpus(data_dir / ref.builtin)
     if ref.id is not None:
         if uploads_dir is None:
