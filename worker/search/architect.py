@@ -50,8 +50,9 @@ class Architect:
         if self.second_order:
             grad, hidden = self.second_order_grad(train, train_hidden, valid, valid_hidden)
         else:
-            loss, hidden = self.model.loss(*valid, valid_hidden)
-            (grad,) = torch.autograd.grad(loss, [self.model.alpha])
+            with self.model.only_grads_for("alpha"):
+                loss, hidden = self.model.loss(*valid, valid_hidden)
+                (grad,) = torch.autograd.grad(loss, [self.model.alpha])
         self.model.alpha.grad = grad
         self.arch_optimizer.step()
         self.model.alpha.grad = None
@@ -67,8 +68,9 @@ class Architect:
         gen = model.gen
         train_masks = gen.get_state() if gen is not None else None  # the same dropout masks for every L_train
 
-        loss, _ = model.loss(*train, train_hidden)
-        grads = torch.autograd.grad(loss, weights)
+        with model.only_grads_for("weights"):
+            loss, _ = model.loss(*train, train_hidden)
+            grads = torch.autograd.grad(loss, weights)
         grad_norm = float(torch.sqrt(sum((g * g).sum() for g in grads)))  # type: ignore[arg-type]
         clip = min(1.0, self.grad_clip / (grad_norm + 1e-6))  # what clip_grad_norm_ scales the step by
         saved = [w.detach().clone() for w in weights]
@@ -91,8 +93,9 @@ class Architect:
                     w.copy_(w0 + sign * r * d)
             if gen is not None and train_masks is not None:
                 gen.set_state(train_masks)
-            loss, _ = model.loss(*train, train_hidden)
-            grads_at.append(torch.autograd.grad(loss, [alpha])[0])
+            with model.only_grads_for("alpha"):
+                loss, _ = model.loss(*train, train_hidden)
+                grads_at.append(torch.autograd.grad(loss, [alpha])[0])
         _restore(weights, saved)
         if gen is not None and after_valid is not None:
             gen.set_state(after_valid)  # later draws do not repeat the masks of the passes above

@@ -137,8 +137,9 @@ class Search:
             if not batches.carries_hidden:
                 h_train, h_valid = self.hidden(x.shape[0]), self.hidden(xv.shape[0])
             h_valid = self.architect.step((x, y), h_train, (xv, yv), h_valid)
-            loss, h_train = model.loss(x, y, h_train)
-            grads = torch.autograd.grad(loss, self.weights)  # the weights only: alpha gets no gradient here
+            with model.only_grads_for("weights"):  # alpha gets no gradient from the weight step
+                loss, h_train = model.loss(x, y, h_train)
+                grads = torch.autograd.grad(loss, self.weights)
             for w, g in zip(self.weights, grads, strict=False):
                 w.grad = g
             nn.utils.clip_grad_norm_(self.weights, self.spec.search.grad_clip)

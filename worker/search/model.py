@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -59,6 +60,7 @@ class SearchNetwork(nn.Module):
         self.register_buffer("bn_var", torch.ones(m.nhid))
         self.locked = LockedDropout()
         self.cell_impl = "fused"
+        self.grads_for = "all"  # see only_grads_for
         self.gen: torch.Generator | None = None  # dropout masks come from here; set by the search
 
     def loss(self, inputs: Tensor, targets: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
@@ -95,7 +97,24 @@ class SearchNetwork(nn.Module):
         xproj = x @ self.w0[:ninp]  # (T, B, 2H): the input's share of s_0, for all steps at once
         h_mask = self._mask((x.shape[1], self.nhid), self.dropouth)
         bn = CellNorm(self.bn_mean, self.bn_var, self.training)
-        return run_cell(xproj, hidden, self.w0[ninp:], self.ws, self.probs(), h_mask, bn, self.cell_impl)
+        w0h, probs = self.w0[ninp:], self.probs()
+        ws: Tensor = self.ws
+        # The fused cell is one autograd node that cannot see which gradients a pass asks for (autograd
+        # prunes the reference's ops by itself), so a pass for one side detaches the other side here.
+        if self.grads_for == "alpha":
+            w0h, ws = w0h.detach(), ws.detach()
+        elif self.grads_for == "weights":
+            probs = probs.detach()
+        return run_cell(xproj, hidden, w0h, ws, probs, h_mask, bn, self.cell_impl)
+
+    @contextmanager
+    def only_grads_for(self, side: str) -> Iterator[None]:
+        """Within this block the cell computes gradients for `side` ("alpha" or "weights") only."""
+        before, self.grads_for = self.grads_for, side
+        try:
+            yield
+        finally:
+            self.grads_for = before
 
 
 class LanguageModel(SearchNetwork):
