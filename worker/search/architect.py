@@ -89,7 +89,7 @@ class Architect:
         grads_at = []
         for sign in (1.0, -1.0):  # grad_a L_train(w +- r dw', a)
             with torch.no_grad():
-                for w, w0, d in zip(weights, saved, d_weights, strict=False):
+                for w, w0, d in zip(weights, saved, d_weights, strict=True):
                     w.copy_(w0 + sign * r * d)
             if gen is not None and train_masks is not None:
                 gen.set_state(train_masks)
@@ -105,5 +105,5 @@ class Architect:
 
 def _restore(weights: list[torch.nn.Parameter], saved: list[Tensor]) -> None:
     with torch.no_grad():
-        for w, w0 in zip(weights, saved, strict=False):
+        for w, w0 in zip(weights, saved, strict=True):
             w.copy_(w0)

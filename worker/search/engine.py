@@ -140,19 +140,19 @@ class Search:
             with model.only_grads_for("weights"):  # alpha gets no gradient from the weight step
                 loss, h_train = model.loss(x, y, h_train)
                 grads = torch.autograd.grad(loss, self.weights)
-            for w, g in zip(self.weights, grads, strict=False):
+            value = float(loss.detach())
+            if not math.isfinite(value):  # checked before the step, so the weights stay as they were
+                raise SearchDiverged(
+                    f"the training loss became {value} in epoch {self.epoch + 1}, step {step + 1}; "
+                    "the search cannot go on (if it grew step by step, lower optimizer.lr or search.grad_clip)"
+                )
+            for w, g in zip(self.weights, grads, strict=True):
                 w.grad = g
             nn.utils.clip_grad_norm_(self.weights, self.spec.search.grad_clip)
             self.weight_optimizer.step()
             self.weight_optimizer.zero_grad(set_to_none=True)
             self.schedule.after_step()
             h_train = h_train.detach()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise SearchDiverged(
-                    f"the training loss became {value} in epoch {self.epoch + 1}, step {step + 1}; "
-                    "the search cannot go on (if it grew step by step, lower optimizer.lr or search.grad_clip)"
-                )
             samples = batches.samples(y)
             total_loss += value * samples
             total_samples += samples
