@@ -139,7 +139,7 @@ class _FusedCellStep(torch.autograd.Function):
     ) -> Tensor:
         steps, nhid = ws.shape[0], ws.shape[1]
         batch = h_prev.shape[0]
-        mask = h_mask if h_mask is not None else None
+        mask = h_mask
         masked_prev = h_prev if mask is None else h_prev * mask
         pre0 = torch.addmm(xproj, masked_prev, w0h)  # (B, 2H)
         c0, h0 = pre0[:, :nhid].sigmoid(), pre0[:, nhid:].tanh()

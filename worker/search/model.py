@@ -32,16 +32,6 @@ def derive_genotype(probs: list[list[float]], steps: int) -> dict[str, Any]:
     return {"recurrent": recurrent, "concat": list(range(1, steps + 1))}
 
 
-class LockedDropout(nn.Module):
-    """One dropout mask per sequence, shared across time steps (variational dropout)."""
-
-    def forward(self, x: Tensor, p: float, gen: torch.Generator | None) -> Tensor:  # x: (T, B, D)
-        if not self.training or p == 0:
-            return x
-        mask = x.new_empty(1, x.shape[1], x.shape[2]).bernoulli_(1 - p, generator=gen) / (1 - p)
-        return x * mask
-
-
 class SearchNetwork(nn.Module):
     """The cell's parameters, alpha, and what both tasks share; subclasses add input and output layers."""
 
@@ -58,7 +48,6 @@ class SearchNetwork(nn.Module):
         self.alpha = nn.Parameter(1e-3 * torch.randn(n_edges(m.steps), len(PRIMITIVES), generator=generator))
         self.register_buffer("bn_mean", torch.zeros(m.nhid))  # the cell's batch norm statistics
         self.register_buffer("bn_var", torch.ones(m.nhid))
-        self.locked = LockedDropout()
         self.cell_impl = "fused"
         self.grads_for = "all"  # see only_grads_for
         self.gen: torch.Generator | None = None  # dropout masks come from here; set by the search
@@ -82,6 +71,11 @@ class SearchNetwork(nn.Module):
 
     def init_hidden(self, batch: int) -> Tensor:
         return self.w0.new_zeros(batch, self.nhid)
+
+    def _locked(self, x: Tensor, p: float) -> Tensor:
+        """Locked (variational) dropout: one mask per sequence, shared by its time steps; x (T, B, D)."""
+        mask = self._mask((1, x.shape[1], x.shape[2]), p)
+        return x if mask is None else x * mask
 
     def _mask(self, shape: tuple[int, ...], p: float) -> Tensor | None:
         if not self.training or p == 0:
@@ -134,10 +128,10 @@ class LanguageModel(SearchNetwork):
             keep = weight.new_empty(weight.shape[0], 1).bernoulli_(1 - self.dropoute, generator=self.gen)
             weight = weight * keep / (1 - self.dropoute)
         emb = F.embedding(inputs, weight)  # (T, B, E)
-        emb = self.locked(emb, self.dropouti, self.gen)
+        emb = self._locked(emb, self.dropouti)
         out = self.recur(emb, hidden)  # (T, B, H)
         last = out[-1]
-        out = self.locked(out, self.dropout, self.gen)
+        out = self._locked(out, self.dropout)
         logits = F.linear(out.view(-1, self.nhid), self.encoder.weight, self.decoder_bias)  # (T*B, V)
         return F.cross_entropy(logits, targets.reshape(-1)), last
 
@@ -158,7 +152,7 @@ class Forecaster(SearchNetwork):
     def loss(self, inputs: Tensor, targets: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """inputs (B, W, F), targets (B, horizon, F), normalised; returns (MSE, last hidden)."""
         x = self.proj(inputs.transpose(0, 1))  # (W, B, E)
-        x = self.locked(x, self.dropouti, self.gen)
+        x = self._locked(x, self.dropouti)
         last = self.recur(x, hidden)[-1]  # (B, H)
         mask = self._mask(tuple(last.shape), self.dropout)
         out = last if mask is None else last * mask
