@@ -105,7 +105,7 @@ class Search:
             self.arch_optimizer,
             order=s.order,
             xi=None if s.xi == "follow_lr" else float(s.xi),
-            weight_decay=spec.optimizer.weight_decay or 0.0,
+            weight_decay=spec.optimizer.weight_decay,
             grad_clip=s.grad_clip,
         )
         self.stopper = EarlyStopping.from_spec(spec.early_stopping)

@@ -233,16 +233,17 @@ class SGDSpec(Strict):
 class AdamSpec(Strict):
     type: Literal["Adam", "AdamW"]
     lr: float = Field(gt=0.0, le=1e3)
-    weight_decay: float | None = Field(default=None, ge=0.0, le=1.0, description="0 for Adam, 0.01 for AdamW")
+    weight_decay: float = Field(ge=0.0, le=1.0, description="default: 0 for Adam, 0.01 for AdamW")
     betas: tuple[Beta, Beta] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0.0, le=1.0)
     amsgrad: bool = False
 
-    @model_validator(mode="after")
-    def _default_decay(self) -> AdamSpec:
-        if self.weight_decay is None:  # torch's own defaults differ between the two
-            object.__setattr__(self, "weight_decay", 0.0 if self.type == "Adam" else 0.01)
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _default_decay(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("weight_decay") is None:  # torch's defaults differ by class
+            data = {**data, "weight_decay": 0.01 if data.get("type") == "AdamW" else 0.0}
+        return data
 
 
 OptimizerSpec = Annotated[SGDSpec | AdamSpec, Field(discriminator="type")]
