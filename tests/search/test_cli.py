@@ -61,6 +61,7 @@ def test_stop_after_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> N
     stopped = cli("run", spec, "--out", split, "--quiet", "--stop-after", "1")
     assert stopped.returncode == 0, stopped.stderr
     assert [r["epoch"] for r in metrics(split)] == [1]
+    assert "stopped after epoch 1; continue with --resume" in stopped.stderr
     assert json.loads((split / "architecture.json").read_text())["final"] is False
     resumed = cli("run", spec, "--out", split, "--quiet", "--resume")
     assert resumed.returncode == 0, resumed.stderr

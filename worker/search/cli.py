@@ -125,7 +125,10 @@ def _run(args: argparse.Namespace) -> int:
     final = result.stop_reason != "cancelled"
     epoch = result.records[-1]["epoch"] if result.records else 0
     _write_architecture(out, result.genotype, result.alpha, epoch, final=final)
-    print(f"{result.stop_reason} after epoch {epoch}; best val_loss {result.best_val_loss}", file=sys.stderr)
+    if final:
+        print(f"{result.stop_reason} after epoch {epoch}; best val_loss {result.best_val_loss}", file=sys.stderr)
+    else:
+        print(f"stopped after epoch {epoch}; continue with --resume", file=sys.stderr)
     print(json.dumps(result.genotype))
     return 0
 
