@@ -203,8 +203,9 @@ class Search:
         self.arch_optimizer.load_state_dict(state["arch_optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.stopper.load_state_dict(state["early_stopping"])
-        self.data_gen.set_state(state["rng"]["data"])
-        self.model.gen.set_state(state["rng"]["dropout"])  # type: ignore[union-attr]
+        # Generator states are CPU byte tensors even for a CUDA generator; map_location may have moved them.
+        self.data_gen.set_state(state["rng"]["data"].cpu())
+        self.model.gen.set_state(state["rng"]["dropout"].cpu())  # type: ignore[union-attr]
         self.history = json.loads(state["history"])
         if len(self.history) != int(state["epoch"]):
             raise ValueError("the checkpoint's history does not match its epoch")
