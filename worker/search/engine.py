@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .architect import Architect
 from .checkpoint import FORMAT_VERSION, CheckpointInfo, CheckpointStore, load_checkpoint
 from .data import Corpus, DataError, LMBatches, Series, SeriesBatches, make_batches
-from .model import Forecaster, LanguageModel, SearchNetwork
+from .model import Forecaster, LanguageModel, SearchNetwork, derive_genotype
 from .schedule import WeightSchedule, build_arch_optimizer, build_weight_optimizer, check_disjoint
 from .spec import PRIMITIVES, EarlyStoppingSpec, JobSpec
 
@@ -259,6 +259,7 @@ def run_search(
         search.stopper.update(epoch, val_loss)
         best_before = min((r["val_loss"] for r in search.history), default=math.inf)
         improved = val_loss < best_before  # the lowest validation loss so far, whatever min_delta says
+        alpha = search.alpha_probs()
         record: EpochRecord = {
             "epoch": epoch,
             "train_loss": train["train_loss"],
@@ -267,18 +268,19 @@ def run_search(
             "lr": lr,
             "arch_lr": arch_lr,
             "best_val_loss": min(val_loss, best_before),
-            "genotype": search.model.genotype(),
-            "alpha": search.alpha_probs(),
+            "genotype": derive_genotype(alpha, spec.model.steps),
+            "alpha": alpha,
             "seconds": time.perf_counter() - started,
             "samples_per_second": train["samples_per_second"],
         }
         search.history.append(record)
         last = epoch == spec.search.epochs or search.stopper.should_stop
         if store is not None:
+            state = search.state_dict()
             if improved and spec.checkpoint.keep_best:
-                store.save(search.state_dict(), epoch=epoch, kind="best")
+                store.save(state, epoch=epoch, kind="best")
             if last or epoch % spec.checkpoint.every_epochs == 0:
-                store.save(search.state_dict(), epoch=epoch, kind="epoch")
+                store.save(state, epoch=epoch, kind="epoch")
                 saved_epoch = epoch
         if on_epoch is not None:
             on_epoch(record)
@@ -288,10 +290,11 @@ def run_search(
     if stop_reason == "cancelled" and at_boundary and store is not None and saved_epoch < search.epoch:
         store.save(search.state_dict(), epoch=search.epoch, kind="epoch")
     best = min(search.history, key=lambda r: r["val_loss"], default=None)
+    alpha = search.alpha_probs()
     return SearchResult(
         records=search.history,
-        genotype=search.model.genotype(),
-        alpha=search.alpha_probs(),
+        genotype=derive_genotype(alpha, spec.model.steps),
+        alpha=alpha,
         stop_reason=stop_reason,
         best_val_loss=best["val_loss"] if best else None,
         best_epoch=best["epoch"] if best else None,

@@ -66,9 +66,6 @@ class SearchNetwork(nn.Module):
     def probs(self) -> Tensor:
         return softmax_alpha(self.alpha)
 
-    def genotype(self) -> dict[str, Any]:
-        return derive_genotype(self.probs().tolist(), self.steps)
-
     def init_hidden(self, batch: int) -> Tensor:
         return self.w0.new_zeros(batch, self.nhid)
 
