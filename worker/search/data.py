@@ -12,14 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .datafiles import EOS, UNK, DataError, Series, load_series_csv
 from .spec import BUILTIN_DATASETS, DatasetRef, JobSpec, series_split_lengths
-
-EOS, UNK = "<eos>", "<unk>"
-MAX_COLUMNS = 256  # a series wider than this is almost certainly not what the user meant to upload
-
-
-class DataError(ValueError):
-    """The data cannot serve this search; the message says why in words a user can act on."""
 
 
 @dataclass(frozen=True)
@@ -29,14 +23,6 @@ class Corpus:
     vocab: list[str]
     train: Tensor  # (N,) int64
     valid: Tensor
-
-
-@dataclass(frozen=True)
-class Series:
-    """A multivariate series in time order, raw (unnormalised) values (T, F)."""
-
-    values: np.ndarray
-    columns: list[str]
 
 
 def load_corpus(folder: Path) -> Corpus:
@@ -66,33 +52,6 @@ def _tokenize(path: Path, index: dict[str, int], *, grow: bool) -> Tensor:
                     i = index.setdefault(word, len(index)) if grow else index[UNK]
                 ids.append(i)
     return torch.tensor(ids, dtype=torch.int64)
-
-
-def load_series_csv(path: Path) -> Series:
-    """Numeric columns of a CSV with a header row; non-numeric columns (dates, labels) are left out."""
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
-        rows = list(csv.reader(f))
-    if len(rows) < 2:
-        raise DataError(f"{path.name}: needs a header row and at least one data row")
-    header, body = rows[0], rows[1:]
-    if any(len(r) != len(header) for r in body):
-        bad = next(i for i, r in enumerate(body, start=2) if len(r) != len(header))
-        raise DataError(f"{path.name}: row {bad} has a different number of fields than the header")
-    keep: list[int] = []
-    for col in range(len(header)):
-        try:
-            [float(r[col]) for r in body]
-        except ValueError:
-            continue
-        keep.append(col)
-    if not keep:
-        raise DataError(f"{path.name}: no column holds only numbers")
-    if len(keep) > MAX_COLUMNS:
-        raise DataError(f"{path.name}: {len(keep)} numeric columns; at most {MAX_COLUMNS} are supported")
-    values = np.array([[float(r[c]) for c in keep] for r in body], dtype=np.float32)
-    if not np.isfinite(values).all():
-        raise DataError(f"{path.name}: values must be finite numbers (no NaN or inf)")
-    return Series(values=values, columns=[header[c] for c in keep])
 
 
 def _vega_csv(name: str) -> Path:
@@ -261,3 +220,16 @@ def make_batches(spec: JobSpec, data: Corpus | Series, device: torch.device) -> 
     if not isinstance(data, Series):
         raise DataError("a forecast search needs a numeric series")
     return SeriesBatches(data, m.window or 24, m.horizon or 1, s.batch_size, device)
+
+
+__all__ = [
+    "Corpus",
+    "DataError",
+    "LMBatches",
+    "Series",
+    "SeriesBatches",
+    "load_corpus",
+    "load_dataset",
+    "load_series_csv",
+    "make_batches",
+]

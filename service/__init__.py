@@ -1,0 +1,1 @@
+"""The job service: FastAPI routes, settings, database models and the queue client. Never imports torch."""

@@ -1,0 +1,117 @@
+"""Built-in and uploaded datasets: an upload is parsed and checked before anything is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from worker.search.datafiles import DataError, parse_series_csv
+from worker.search.spec import BUILTIN_DATASETS
+
+from .jobs import NotFound
+from .models import Dataset, utcnow
+
+VALID_FRACTION = 0.1  # of a plain-text corpus' lines, taken from its end for alpha and validation
+MIN_CORPUS_LINES = 10
+MIN_CORPUS_TOKENS = 100
+
+
+def builtin() -> list[dict[str, Any]]:
+    return [
+        {"name": d.name, "task": d.task, "description": d.description, "length": d.length, "features": d.features}
+        for d in BUILTIN_DATASETS.values()
+    ]
+
+
+def list_uploads(session: Session, *, owner: str) -> Sequence[Dataset]:
+    query = select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
+    return session.scalars(query).all()
+
+
+def get_upload(session: Session, *, owner: str, dataset_id: str) -> Dataset:
+    found = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner == owner))
+    if found is None:
+        raise NotFound(f"no dataset {dataset_id}")
+    return found
+
+
+def _decode(payload: bytes, name: str) -> str:
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{name}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+
+
+def check_series(payload: bytes, name: str) -> dict[str, Any]:
+    series = parse_series_csv(_decode(payload, name), name=name)
+    rows = len(series.values)
+    if rows < 20:
+        raise DataError(f"{name}: {rows} data rows; a forecast search needs at least 20")
+    return {"format": "csv", "rows": rows, "columns": series.columns}
+
+
+def split_corpus(payload: bytes, name: str) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Lines of a plain-text corpus; the last tenth (at least one line) becomes the validation split."""
+    if b"\x00" in payload:
+        raise DataError(f"{name}: holds NUL bytes; a language_model dataset is plain text")
+    lines = [line for line in _decode(payload, name).splitlines() if line.strip()]
+    tokens = sum(len(line.split()) for line in lines)
+    if len(lines) < MIN_CORPUS_LINES or tokens < MIN_CORPUS_TOKENS:
+        raise DataError(
+            f"{name}: {len(lines)} non-empty lines and {tokens} tokens; "
+            f"a corpus needs at least {MIN_CORPUS_LINES} lines and {MIN_CORPUS_TOKENS} tokens"
+        )
+    n_valid = max(1, round(len(lines) * VALID_FRACTION))
+    train, valid = lines[:-n_valid], lines[-n_valid:]
+    vocab = len({w for line in train for w in line.split()})
+    summary = {"format": "text", "lines": len(lines), "tokens": tokens, "vocabulary": vocab, "valid_lines": n_valid}
+    return train, valid, summary
+
+
+def store_upload(session: Session, *, owner: str, task: str, name: str, payload: bytes, uploads_dir: Path) -> Dataset:
+    """Check the upload, write it where the worker's `load_dataset` finds it, then record it."""
+    dataset_id = str(uuid.uuid4())
+    target = uploads_dir / dataset_id
+    staging = uploads_dir / f".{dataset_id}.partial"
+    uploads_dir.mkdir(parents=True, exist_ok=True)
+    if task == "forecast":
+        summary = check_series(payload, name)
+        staging.write_bytes(payload)
+    else:
+        train, valid, summary = split_corpus(payload, name)
+        staging.mkdir()
+        (staging / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
+        (staging / "valid.txt").write_text("\n".join(valid) + "\n", encoding="utf-8")
+    staging.rename(target)
+    row = Dataset(
+        id=dataset_id,
+        owner=owner,
+        name=name,
+        task=task,
+        bytes=len(payload),
+        sha256=hashlib.sha256(payload).hexdigest(),
+        summary=summary,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    try:
+        session.commit()
+    except Exception:
+        session.rollback()
+        remove_path(target)
+        raise
+    return row
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,239 @@
+"""Every SQL query of the jobs domain: the API's reads and writes and the worker's progress reports."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker.search.spec import JobSpec
+
+from .models import TERMINAL, CheckpointRow, EpochRow, Job, utcnow
+
+
+class NotFound(LookupError):
+    """Answered as 404: missing, or belongs to another owner (the two are indistinguishable)."""
+
+
+class Conflict(RuntimeError):
+    """Answered as 409: the request does not fit the job's state."""
+
+
+class BadCursor(ValueError):
+    """A `cursor` this service did not hand out."""
+
+
+def create_job(
+    session: Session,
+    *,
+    owner: str,
+    spec: JobSpec,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> tuple[Job, bool]:
+    """Store a queued job (committed); with an idempotency key, a repeat returns the first job and False."""
+    if idempotency_key is not None:
+        first = _by_idempotency_key(session, owner, idempotency_key, request_hash)
+        if first is not None:
+            return first, False
+    job = Job(
+        id=str(uuid.uuid4()),
+        owner=owner,
+        name=spec.name,
+        task=spec.task,
+        status="queued",
+        spec=spec.model_dump(mode="json"),
+        epochs=spec.search.epochs,
+        epoch=0,
+        attempt=0,
+        cancel_requested=False,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:  # the same key raced in from another request: theirs is the first job
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        first = _by_idempotency_key(session, owner, idempotency_key, request_hash)
+        if first is None:
+            raise
+        return first, False
+    return job, True
+
+
+def _by_idempotency_key(session: Session, owner: str, key: str, request_hash: str | None) -> Job | None:
+    job = session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+    if job is not None and job.request_hash != request_hash:
+        raise Conflict("this Idempotency-Key was already used with a different request body")
+    return job
+
+
+def get_job(session: Session, *, owner: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.owner == owner))
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), job_id
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise BadCursor("cursor is not one this service handed out; start again without it") from None
+
+
+def list_jobs(
+    session: Session, *, owner: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[Sequence[Job], str | None]:
+    """The owner's jobs, newest first, `limit` a page; the cursor continues after the last one."""
+    query = select(Job).where(Job.owner == owner)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if cursor is not None:
+        created, job_id = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < created, (Job.created_at == created) & (Job.id < job_id)))
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all()
+    if len(rows) > limit:
+        return rows[:limit], encode_cursor(rows[limit - 1])
+    return rows, None
+
+
+def request_cancel(session: Session, *, owner: str, job_id: str) -> Job:
+    """A queued job is cancelled at once (it will never start); a running one is flagged for its worker."""
+    job = get_job(session, owner=owner, job_id=job_id)
+    now = utcnow()
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="cancelled", stop_reason="cancelled", finished_at=now, cancel_requested=True)
+    )
+    if done.rowcount == 0:  # type: ignore[attr-defined]
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+    session.commit()
+    session.refresh(job)
+    if job.status in ("succeeded", "failed"):
+        raise Conflict(f"job {job_id} has already finished ({job.status}); there is nothing to cancel")
+    return job
+
+
+def delete_job(session: Session, *, owner: str, job_id: str) -> None:
+    """Remove a finished job's rows (epochs and checkpoints cascade); the caller removes its files."""
+    job = get_job(session, owner=owner, job_id=job_id)
+    gone = session.execute(delete(Job).where(Job.id == job_id, Job.status.in_(TERMINAL)))
+    if gone.rowcount == 0:  # type: ignore[attr-defined]
+        session.rollback()
+        raise Conflict(f"job {job_id} is {job.status}; cancel it and wait until it has stopped before deleting it")
+    session.commit()
+
+
+def epochs_after(session: Session, *, job_id: str, after: int, limit: int) -> Sequence[EpochRow]:
+    query = select(EpochRow).where(EpochRow.job_id == job_id, EpochRow.epoch > after)
+    return session.scalars(query.order_by(EpochRow.epoch).limit(limit)).all()
+
+
+def job_status(session: Session, *, job_id: str) -> Job | None:
+    """A fresh read of the job row (streams poll this), or None once it was deleted."""
+    session.expire_all()
+    return session.get(Job, job_id)
+
+
+def list_checkpoints(session: Session, *, job_id: str) -> Sequence[CheckpointRow]:
+    query = select(CheckpointRow).where(CheckpointRow.job_id == job_id)
+    return session.scalars(query.order_by(CheckpointRow.epoch, CheckpointRow.kind)).all()
+
+
+def get_checkpoint(session: Session, *, job_id: str, name: str) -> CheckpointRow:
+    row = session.get(CheckpointRow, (job_id, name))
+    if row is None:
+        raise NotFound(f"job {job_id} has no checkpoint {name!r}; GET /jobs/{job_id}/checkpoints lists them")
+    return row
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    return {status: int(n) for status, n in rows}
+
+
+# The worker's side: claim, report, finish.
+
+
+def claim_job(session: Session, *, job_id: str) -> Job | None:
+    """Move a queued job to running (attempt + 1); None if it is not queued (cancelled, taken, gone)."""
+    done = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(status="running", started_at=utcnow(), attempt=Job.attempt + 1)
+    )
+    session.commit()
+    if done.rowcount == 0:  # type: ignore[attr-defined]
+        return None
+    return session.get(Job, job_id)
+
+
+def is_cancel_requested(session: Session, *, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def record_epoch(session: Session, *, job_id: str, record: dict[str, Any], architecture: dict[str, Any]) -> None:
+    """The epoch's row and the job's summary of it, in one transaction."""
+    session.add(EpochRow(job_id=job_id, epoch=record["epoch"], record=record, created_at=utcnow()))
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            epoch=record["epoch"],
+            best_val_loss=record["best_val_loss"],
+            lr=record["lr"],
+            architecture=architecture,
+        )
+    )
+    session.commit()
+
+
+def sync_checkpoints(session: Session, *, job_id: str, items: Sequence[dict[str, Any]]) -> None:
+    """Make the job's checkpoint rows equal the engine's manifest (new and rewritten files in, pruned out)."""
+    names = [i["name"] for i in items]
+    session.execute(delete(CheckpointRow).where(CheckpointRow.job_id == job_id, CheckpointRow.name.not_in(names)))
+    existing = {row.name: row for row in list_checkpoints(session, job_id=job_id)}
+    for item in items:
+        row = existing.get(item["name"])
+        if row is None:
+            session.add(CheckpointRow(job_id=job_id, created_at=utcnow(), **item))
+        elif row.sha256 != item["sha256"]:
+            row.epoch, row.kind, row.bytes, row.sha256 = item["epoch"], item["kind"], item["bytes"], item["sha256"]
+            row.created_at = utcnow()
+    session.commit()
+
+
+def finish_job(
+    session: Session,
+    *,
+    job_id: str,
+    status: str,
+    stop_reason: str | None = None,
+    error: str | None = None,
+    architecture: dict[str, Any] | None = None,
+) -> None:
+    values: dict[str, Any] = {"status": status, "stop_reason": stop_reason, "error": error, "finished_at": utcnow()}
+    if architecture is not None:
+        values["architecture"] = architecture
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
+    session.commit()

@@ -1,0 +1,250 @@
+"""Job routes: each parses, calls one function of `service.jobs`, and answers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+
+from worker.search.spec import JobSpec
+
+from .. import datasets, jobs
+from ..deps import CeleryDep, DbDep, OwnerDep, SessionDep, SettingsDep, require_content_type
+from ..models import TERMINAL, Job
+from ..queue import enqueue_job
+from ..schemas import Architecture, CheckpointList, CheckpointRead, JobList, JobRead, MetricsPage, Status
+from ..telemetry import OPEN_STREAMS
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
+
+
+def _invalid(loc: tuple[str | int, ...], msg: str, value: Any) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg, "input": value}])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobRead,
+    dependencies=[Depends(require_content_type("application/json"))],
+    summary="Validate, store and enqueue a search",
+)
+def create_job(
+    spec: JobSpec,
+    response: Response,
+    session: SessionDep,
+    owner: OwnerDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Job:
+    if spec.dataset.path is not None:
+        raise _invalid(
+            ("body", "dataset", "path"),
+            "a path is for the command line only; upload the file with POST /datasets and pass its id",
+            spec.dataset.path,
+        )
+    if spec.dataset.id is not None:
+        try:
+            found = datasets.get_upload(session, owner=owner, dataset_id=spec.dataset.id)
+        except jobs.NotFound:
+            raise _invalid(("body", "dataset", "id"), "no uploaded dataset has this id", spec.dataset.id) from None
+        if found.task != spec.task:
+            msg = f"dataset {found.id} was uploaded for task {found.task!r}, not {spec.task!r}"
+            raise _invalid(("body", "dataset", "id"), msg, spec.dataset.id)
+    digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
+    job, created = jobs.create_job(
+        session, owner=owner, spec=spec, idempotency_key=idempotency_key, request_hash=digest
+    )
+    if created:
+        enqueue_job(celery, job.id)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job
+
+
+@router.get("", response_model=JobList, summary="The caller's jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    owner: OwnerDep,
+    status: Status | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> dict[str, Any]:
+    try:
+        items, next_cursor = jobs.list_jobs(session, owner=owner, status=status, limit=limit, cursor=cursor)
+    except jobs.BadCursor as exc:
+        raise _invalid(("query", "cursor"), str(exc), cursor) from None
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@router.get("/{job_id}", response_model=JobRead)
+def get_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
+    return jobs.get_job(session, owner=owner, job_id=job_id)
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobRead, summary="Stop at the next step boundary")
+def cancel_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
+    return jobs.request_cancel(session, owner=owner, job_id=job_id)
+
+
+@router.delete("/{job_id}", status_code=204, summary="Delete a finished job and its files")
+def delete_job(job_id: str, session: SessionDep, owner: OwnerDep, settings: SettingsDep) -> Response:
+    jobs.delete_job(session, owner=owner, job_id=job_id)
+    datasets.remove_path(settings.jobs_dir / job_id)
+    return Response(status_code=204)
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or etag in tags
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPage, summary="Epoch records after `after`, oldest first")
+def get_metrics(
+    job_id: str,
+    session: SessionDep,
+    owner: OwnerDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> Response:
+    job = jobs.get_job(session, owner=owner, job_id=job_id)
+    rows = jobs.epochs_after(session, job_id=job_id, after=after, limit=limit)
+    page = {
+        "job_id": job.id,
+        "status": job.status,
+        "items": [r.record for r in rows],
+        "next_after": rows[-1].epoch if rows else after,
+    }
+    body = json.dumps(page, separators=(",", ":")).encode()
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _owned_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
+    return jobs.get_job(session, owner=owner, job_id=job_id)
+
+
+def _resume_point(last_event_id: str | None, after: int | None) -> int:
+    if last_event_id is None:
+        return after or 0
+    value = last_event_id.strip()
+    if not value.isdigit():
+        raise _invalid(("header", "Last-Event-ID"), "Last-Event-ID must be the epoch number of an event", value)
+    return int(value)
+
+
+def _status_event(job: Job) -> ServerSentEvent:
+    data = {"status": job.status, "stop_reason": job.stop_reason, "error": job.error, "epoch": job.epoch}
+    return ServerSentEvent(event="status", data=data)
+
+
+@router.get(
+    "/{job_id}/metrics/stream",
+    response_class=EventSourceResponse,
+    summary="Server-Sent Events: `epoch` per finished epoch (id = epoch), `status` per status change",
+)
+async def stream_metrics(
+    db: DbDep,
+    settings: SettingsDep,
+    job: Annotated[Job, Depends(_owned_job)],
+    after: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    # `job` is resolved before the stream starts, so a missing job is a plain 404.
+    sent = _resume_point(last_event_id, after)
+    job_id = job.id
+
+    def poll(after_epoch: int) -> tuple[Job | None, list[dict[str, Any]]]:
+        # Status first, then epochs: every epoch written before a terminal status is in this read.
+        with db.session() as session:
+            current = jobs.job_status(session, job_id=job_id)
+            rows = jobs.epochs_after(session, job_id=job_id, after=after_epoch, limit=500)
+            return current, [r.record for r in rows]
+
+    last_status: str | None = None
+    quiet_since = time.monotonic()
+    OPEN_STREAMS.inc()
+    try:
+        while True:
+            current, records = await anyio.to_thread.run_sync(poll, sent)
+            if current is None:
+                return  # deleted while streaming
+            for record in records:
+                yield ServerSentEvent(event="epoch", id=str(record["epoch"]), data=record)
+                sent = record["epoch"]
+            changed = current.status != last_status
+            if changed:
+                yield _status_event(current)
+                last_status = current.status
+            if current.status in TERMINAL and len(records) < 500:
+                return
+            if len(records) == 500:
+                continue
+            if records or changed:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= settings.stream_keepalive_seconds:
+                yield ServerSentEvent(comment="keep-alive")
+                quiet_since = time.monotonic()
+            await anyio.sleep(settings.stream_poll_seconds)
+    finally:
+        OPEN_STREAMS.dec()
+
+
+@router.get(
+    "/{job_id}/architecture",
+    response_model=Architecture,
+    summary="The derived cell now (while running) or final",
+    responses={404: {"description": "no such job, or no epoch has finished yet"}},
+)
+def get_architecture(job_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
+    job = jobs.get_job(session, owner=owner, job_id=job_id)
+    if job.architecture is None:
+        raise jobs.NotFound(f"job {job_id} has no architecture yet: it is {job.status} and no epoch has finished")
+    return job.architecture
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(job_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
+    jobs.get_job(session, owner=owner, job_id=job_id)
+    return {"items": [CheckpointRead.model_validate(r) for r in jobs.list_checkpoints(session, job_id=job_id)]}
+
+
+@router.get(
+    "/{job_id}/checkpoints/{name:path}",
+    response_class=FileResponse,
+    summary="Download a checkpoint (loads with torch.load(..., weights_only=True))",
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def download_checkpoint(job_id: str, name: str, session: SessionDep, owner: OwnerDep, settings: SettingsDep) -> Any:
+    jobs.get_job(session, owner=owner, job_id=job_id)
+    # The name only selects a row; the file's path is built from the row, never from the request.
+    row = jobs.get_checkpoint(session, job_id=job_id, name=name)
+    folder = (settings.jobs_dir / job_id / "checkpoints").resolve()
+    path = (folder / row.name).resolve()
+    if path.parent != folder or not path.is_file():
+        raise jobs.NotFound(f"the file of checkpoint {row.name!r} is gone (pruned or deleted)")
+    return FileResponse(
+        Path(path),
+        media_type="application/octet-stream",
+        filename=row.name,
+        headers={"X-Checkpoint-SHA256": row.sha256},
+    )

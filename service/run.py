@@ -1,0 +1,69 @@
+"""`make up`: migrate, then run the API and one Celery worker together until Ctrl-C.
+
+With no DARTS_* settings this is the embedded default: SQLite for the database and Kombu's SQLAlchemy
+transport for the broker, both under ./var, so a bare machine runs real jobs with no other server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+from .db import upgrade_to_head
+from .settings import get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.run", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    settings = get_settings()
+
+    upgrade_to_head(settings.database_url)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--concurrency", "1"]
+        + ["--loglevel", "INFO", "--queues", settings.queue, "--hostname", "embedded@%h"]
+    )
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app"]
+        + ["--host", args.host, "--port", str(args.port)]
+    )
+    children = [api, worker]
+    print(
+        f"\nDARTS search service on http://{args.host}:{args.port}  (API docs: /docs)\n"
+        f"  database: {settings.database_url}\n  broker:   {settings.broker_url}\n"
+        f"  artifacts: {settings.artifacts_dir}\nCtrl-C stops both the API and the worker.\n",
+        flush=True,
+    )
+
+    stopping = False
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    while not stopping and all(c.poll() is None for c in children):
+        time.sleep(0.2)
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    failed = [c.args[2] for c in children if c.returncode not in (0, -signal.SIGTERM)]
+    return 0 if stopping and not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

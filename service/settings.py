@@ -1,0 +1,50 @@
+"""Settings from the environment (prefix DARTS_); the defaults run everything embedded under ./var."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DARTS_", extra="ignore")
+
+    database_url: str = Field(
+        default="sqlite:///var/darts.sqlite3", description="SQLAlchemy URL; PostgreSQL in deployment"
+    )
+    broker_url: str = Field(
+        default="sqla+sqlite:///var/broker.sqlite3",
+        description="Celery broker; Redis in deployment, Kombu's SQLAlchemy transport embedded",
+    )
+    queue: str = Field(default="darts", description="the Celery queue jobs are sent to")
+    artifacts_dir: Path = Field(default=Path("var/artifacts"), description="checkpoints and uploads")
+    data_dir: Path = Field(default=REPO.parent / "shared" / "data", description="built-in corpora (ptb/, wikitext-2/)")
+    device: str = Field(default="auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda', 'cuda:1'")
+    auto_migrate: bool = Field(default=False, description="run `alembic upgrade head` at start instead of refusing")
+
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="largest JSON body accepted (413 beyond)")
+    max_upload_bytes: int = Field(default=64 << 20, gt=0, description="largest dataset upload (413 beyond)")
+    page_limit: int = Field(default=100, gt=0, description="largest `limit` of a list or metrics page")
+
+    stream_poll_seconds: float = Field(default=0.5, gt=0, description="how often a stream looks for news")
+    stream_keepalive_seconds: float = Field(default=10.0, gt=0, description="comment line after this much quiet")
+    cancel_poll_seconds: float = Field(default=0.5, ge=0, description="how often a running job reads its cancel flag")
+    enqueue_timeout_seconds: float = Field(default=5.0, gt=0, description="give up sending to the broker after this")
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.artifacts_dir / "jobs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.artifacts_dir / "datasets"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
