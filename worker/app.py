@@ -7,7 +7,7 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init
 
-from service.db import Database, prepare
+from service.db import Database, SchemaOutdated, prepare
 from service.queue import make_celery
 from service.settings import get_settings
 
@@ -32,7 +32,10 @@ def database() -> Database:
 def _check_schema(**_: Any) -> None:
     db = Database(settings.database_url)
     try:
-        prepare(db, auto_migrate=settings.auto_migrate)  # refuses to work on an old schema
+        prepare(db, auto_migrate=settings.auto_migrate)
+    except SchemaOutdated as exc:
+        # Celery logs and swallows exceptions from signal handlers; SystemExit does stop the worker.
+        raise SystemExit(f"worker refuses to start: {exc}") from None
     finally:
         db.dispose()
 
