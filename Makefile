@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck bench search clean
+.PHONY: up reset test lint typecheck bench search clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+## Install into .venv (if needed), migrate the embedded SQLite database, and run the API on
+## http://127.0.0.1:8000 with one Celery worker (SQL broker, no Redis needed). Ctrl-C stops both.
+up: $(STAMP)
+	$(BIN)/python -m service.run
 
 ## Install into .venv (if needed), lint, type-check and run the whole test suite.
 test: $(STAMP)
@@ -38,3 +43,7 @@ search: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## Remove the embedded database, broker and artifacts (./var).
+reset:
+	rm -rf var

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,8 +71,6 @@ def stream_events(
     http: httpx.Client, job_id: str, *, headers: dict[str, str] | None = None, stop_after_epochs: int | None = None
 ) -> list[tuple[str, str, dict[str, Any] | None]]:
     """(event, id, data) of a job's stream until it ends (or after `stop_after_epochs` epoch events)."""
-    import json
-
     events: list[tuple[str, str, dict[str, Any] | None]] = []
     with connect_sse(http, "GET", f"/jobs/{job_id}/metrics/stream", headers=headers or {}) as source:
         assert source.response.status_code == 200
@@ -152,6 +151,16 @@ def test_cancel_stops_a_running_job_at_a_step_and_a_queued_one_before_it_starts(
     queued = submit(http, long)
     wait_for(lambda: http.get(f"/jobs/{running}").json()["epoch"] >= 1, timeout=60, what="a first epoch")
     assert http.get(f"/jobs/{queued}").json()["status"] == "queued"  # one job at a time per worker
+
+    # A quiet stream (the queued job) says its status once, then sends keep-alive comments.
+    lines: list[str] = []
+    with http.stream("GET", f"/jobs/{queued}/metrics/stream") as r:
+        for line in r.iter_lines():
+            lines.append(line)
+            if line.startswith(":"):
+                break
+    assert lines[0] == "event: status" and json.loads(lines[1].removeprefix("data: "))["status"] == "queued"
+    assert lines[-1] == ": keep-alive"
 
     assert http.post(f"/jobs/{queued}/cancel").json()["status"] == "cancelled"
     assert http.post(f"/jobs/{running}/cancel").status_code == 202
