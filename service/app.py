@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
@@ -67,7 +71,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             {"detail": "the database is unavailable; try again shortly"}, status_code=503, headers={"Retry-After": "5"}
         )
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own shape, but Python's JSON parser reads NaN and Infinity, which a JSON answer cannot
+        # echo back (json.dumps would raise and the client would get a 500): such inputs come back as text.
+        errors = [_readable(e) for e in exc.errors()]
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(errors))}, status_code=422)
+
     upload_cap = settings.max_upload_bytes + 64 * 1024  # room for the multipart envelope
     app.add_middleware(BodyLimit, default=settings.max_body_bytes, limits={("POST", "/datasets"): upload_cap})
     app.add_middleware(RequestMetrics)
     return app
+
+
+def _readable(error: Any) -> Any:
+    """Messages that speak pydantic's or Python's language (tags, discriminators, class names), said in words."""
+    if not isinstance(error, dict):
+        return error
+    ctx = error.get("ctx") or {}
+    if "Expected UploadFile" in str(error.get("msg")):
+        msg = "must be a file: a multipart part with a filename, not a plain form field"
+        return {"type": "value_error", "loc": error.get("loc"), "msg": msg, "input": error.get("input")}
+    if error.get("type") == "union_tag_invalid":  # e.g. scheduler {"type": "LambdaLR"}
+        msg = f"unknown {ctx.get('discriminator')} {ctx.get('tag')!r}; choose one of: {ctx.get('expected_tags')}"
+        return {**error, "msg": msg}
+    if error.get("type") == "union_tag_not_found":
+        return {**error, "msg": f"needs a {ctx.get('discriminator')} key that says which kind this is"}
+    return error
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float replaced by its text ('nan', 'inf', '-inf')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value

@@ -36,7 +36,9 @@ def list_uploads(session: Session, *, owner: str) -> Sequence[Dataset]:
 
 
 def get_upload(session: Session, *, owner: str, dataset_id: str) -> Dataset:
-    found = session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner == owner))
+    # PostgreSQL text cannot hold NUL (the query would fail); no id has one.
+    query = select(Dataset).where(Dataset.id == dataset_id, Dataset.owner == owner)
+    found = None if "\x00" in dataset_id else session.scalar(query)
     if found is None:
         raise NotFound(f"no dataset {dataset_id}")
     return found
@@ -50,6 +52,8 @@ def _decode(payload: bytes, name: str) -> str:
 
 
 def check_series(payload: bytes, name: str) -> dict[str, Any]:
+    if b"\x00" in payload:  # not CSV text; a NUL in a column name would also fail the database's JSON
+        raise DataError(f"{name}: holds NUL bytes; a forecast dataset is CSV text")
     series = parse_series_csv(_decode(payload, name), name=name)
     rows = len(series.values)
     if rows < 20:

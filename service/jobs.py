@@ -80,7 +80,8 @@ def _by_idempotency_key(session: Session, owner: str, key: str, request_hash: st
 
 
 def get_job(session: Session, *, owner: str, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.owner == owner))
+    # PostgreSQL text cannot hold NUL (the query would fail); no id has one.
+    job = None if "\x00" in job_id else session.scalar(select(Job).where(Job.id == job_id, Job.owner == owner))
     if job is None:
         raise NotFound(f"no job {job_id}")
     return job
@@ -95,6 +96,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         created, job_id = raw.split("|", 1)
+        if "\x00" in job_id:
+            raise ValueError("NUL in a cursor")
         return datetime.fromisoformat(created), job_id
     except (ValueError, UnicodeDecodeError, binascii.Error):
         raise BadCursor("cursor is not one this service handed out; start again without it") from None
@@ -161,7 +164,7 @@ def list_checkpoints(session: Session, *, job_id: str) -> Sequence[CheckpointRow
 
 
 def get_checkpoint(session: Session, *, job_id: str, name: str) -> CheckpointRow:
-    row = session.get(CheckpointRow, (job_id, name))
+    row = None if "\x00" in name else session.get(CheckpointRow, (job_id, name))
     if row is None:
         raise NotFound(f"job {job_id} has no checkpoint {name!r}; GET /jobs/{job_id}/checkpoints lists them")
     return row

@@ -25,14 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
 
     upgrade_to_head(settings.database_url)
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--concurrency", "1"]
-        + ["--loglevel", "INFO", "--queues", settings.queue, "--hostname", "embedded@%h"]
-    )
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app"]
-        + ["--host", args.host, "--port", str(args.port)]
-    )
+    worker_args = ["worker.app", "worker", "--concurrency", "1", "--loglevel", "INFO", "--queues", settings.queue]
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", *worker_args, "--hostname", "embedded@%h"])
+    api_args = ["service.app:create_app", "--host", args.host, "--port", str(args.port)]
+    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", *api_args])
     children = [api, worker]
     print(
         f"\nDARTS search service on http://{args.host}:{args.port}  (API docs: /docs)\n"
@@ -61,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-    failed = [c.args[2] for c in children if c.returncode not in (0, -signal.SIGTERM)]
-    return 0 if stopping and not failed else 1
+    clean = all(c.returncode in (0, -signal.SIGTERM) for c in children)
+    return 0 if stopping and clean else 1
 
 
 if __name__ == "__main__":

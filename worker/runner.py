@@ -80,6 +80,9 @@ def execute_job(job_id: str, *, db: Database, settings: Settings) -> str:
             log.info("job %s is not queued (cancelled, taken or deleted); message dropped", job_id)
             return "skipped"
         spec = JobSpec.model_validate(job.spec)
+    log.info(
+        "job %s: attempt %d, %s on %s, %d epochs", job_id, job.attempt, spec.task, spec.dataset, spec.search.epochs
+    )
     reporter = DbReporter(db, job_id, poll_seconds=settings.cancel_poll_seconds)
     try:
         data = load_dataset(spec.dataset, spec.task, data_dir=settings.data_dir, uploads_dir=settings.uploads_dir)
@@ -101,6 +104,7 @@ def execute_job(job_id: str, *, db: Database, settings: Settings) -> str:
     final = architecture(result.genotype, _finite(result.alpha), len(result.records), final=True)
     with db.session() as session:
         jobs.finish_job(session, job_id=job_id, status=status, stop_reason=result.stop_reason, architecture=final)
+    log.info("job %s: %s (%s) after %d epochs", job_id, status, result.stop_reason, len(result.records))
     return status
 
 

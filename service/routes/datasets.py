@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, Form, HTTPException, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 
 from worker.search.datafiles import DataError
@@ -38,8 +38,14 @@ def upload_dataset(
     settings: SettingsDep,
     name: Annotated[str | None, Form(min_length=1, max_length=200)] = None,
 ) -> Dataset:
-    label = name or file.filename or "upload"
-    payload = file.file.read()
+    if name is not None and "\x00" in name:  # PostgreSQL text cannot hold NUL
+        msg = "must not contain NUL characters (\\u0000)"
+        raise RequestValidationError([{"type": "value_error", "loc": ("body", "name"), "msg": msg, "input": name}])
+    label = name or (file.filename or "").replace("\x00", "")[:200] or "upload"  # the name column holds 200
+    # The body cap leaves room for the multipart envelope, so the file itself may still be too large.
+    payload = file.file.read(settings.max_upload_bytes + 1)
+    if len(payload) > settings.max_upload_bytes:
+        raise HTTPException(413, f"the file is larger than {settings.max_upload_bytes} bytes, the most accepted")
     try:
         row = datasets.store_upload(
             session, owner=owner, task=task, name=label, payload=payload, uploads_dir=settings.uploads_dir

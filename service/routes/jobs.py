@@ -26,6 +26,8 @@ from ..telemetry import OPEN_STREAMS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+MAX_EPOCH = 2**31 - 1  # epochs are a PostgreSQL INTEGER: a larger `after` would fail the query
+
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
 
 
@@ -49,6 +51,9 @@ def create_job(
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Job:
+    if idempotency_key is not None and not idempotency_key.isprintable():
+        msg = "must be printable text: no NUL, newline or other control characters"
+        raise _invalid(("header", "Idempotency-Key"), msg, idempotency_key)
     if spec.dataset.path is not None:
         raise _invalid(
             ("body", "dataset", "path"),
@@ -119,7 +124,7 @@ def get_metrics(
     job_id: str,
     session: SessionDep,
     owner: OwnerDep,
-    after: Annotated[int, Query(ge=0)] = 0,
+    after: Annotated[int, Query(ge=0, le=MAX_EPOCH)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
@@ -143,11 +148,15 @@ def _owned_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
     return jobs.get_job(session, owner=owner, job_id=job_id)
 
 
-def _resume_point(last_event_id: str | None, after: int | None) -> int:
+def _resume_point(
+    after: Annotated[int | None, Query(ge=0, le=MAX_EPOCH)] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+) -> int:
+    """A dependency, so that a bad Last-Event-ID is a 422 before the stream starts, not an error inside it."""
     if last_event_id is None:
         return after or 0
     value = last_event_id.strip()
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_EPOCH:
         raise _invalid(("header", "Last-Event-ID"), "Last-Event-ID must be the epoch number of an event", value)
     return int(value)
 
@@ -166,11 +175,10 @@ async def stream_metrics(
     db: DbDep,
     settings: SettingsDep,
     job: Annotated[Job, Depends(_owned_job)],
-    after: Annotated[int | None, Query(ge=0)] = None,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+    resume_after: Annotated[int, Depends(_resume_point)],
 ) -> AsyncIterator[ServerSentEvent]:
-    # `job` is resolved before the stream starts, so a missing job is a plain 404.
-    sent = _resume_point(last_event_id, after)
+    # `job` and `resume_after` are resolved before the stream starts: a missing job is a plain 404.
+    sent = resume_after
     job_id = job.id
 
     def poll(after_epoch: int) -> tuple[Job | None, list[dict[str, Any]]]:

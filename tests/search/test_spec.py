@@ -398,6 +398,10 @@ INVALID = [
     case(F, {"checkpoint": {"every_epochs": 0}}, ("checkpoint", "every_epochs"), GT0, id="every-epochs-0"),
     case(F, {"checkpoint": {"keep_last": 0}}, ("checkpoint", "keep_last"), GT0, id="keep-last-0"),
     case(F, {"name": "x" * (LIMITS.name_length + 1)}, ("name",), "at most 200 characters", id="name-too-long"),
+    case(F, {"name": "a\nb"}, ("name",), "printable text", id="name-control-character"),
+    case(F, {"dataset": {"id": "a\x00b"}}, ("dataset", "id"), "printable text", id="dataset-id-nul"),
+    case(F, {"early_stopping": {"min_delta": float("inf")}}, ("early_stopping", "min_delta"), "finite", id="inf"),
+    case(F, {"search": {"grad_clip": float("nan")}}, ("search", "grad_clip"), "finite", id="nan"),
 ]
 
 

@@ -142,7 +142,14 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and Infinity parse as JSON numbers in Python but are never a sensible setting (nor storable as JSON).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _printable(value: str | None) -> str | None:
+    if value is not None and not value.isprintable():
+        raise ValueError("must be printable text: no NUL, newline or other control characters")
+    return value
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -157,6 +164,8 @@ class DatasetRef(Strict):
     builtin: str | None = None
     id: str | None = Field(default=None, min_length=1, max_length=100)
     path: str | None = Field(default=None, min_length=1, max_length=4096)
+
+    _printable_id = field_validator("id")(_printable)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DatasetRef:
@@ -413,6 +422,8 @@ class JobSpec(Strict):
     arch_optimizer: ArchOptimizerSpec = ArchOptimizerSpec()
     early_stopping: EarlyStoppingSpec | None = EarlyStoppingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+
+    _printable_name = field_validator("name")(_printable)
 
     @model_validator(mode="before")
     @classmethod
