@@ -97,6 +97,8 @@ def _readable(error: Any) -> Any:
         return {**error, "msg": msg}
     if error.get("type") == "union_tag_not_found":
         return {**error, "msg": f"needs a {ctx.get('discriminator')} key that says which kind this is"}
+    if error.get("type") == "value_error":  # pydantic prefixes a validator's own sentence with "Value error, "
+        return {**error, "msg": str(error.get("msg", "")).removeprefix("Value error, ")}
     return error
 
 

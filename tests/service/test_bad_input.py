@@ -22,7 +22,17 @@ from ..conftest import shared_data_dir
 from .factories import add_job, job_spec, row_counts
 
 # Signs of a message written for a programmer instead of a user.
-UNREADABLE = ("Traceback", 'File "', "<class", "object at 0x", "pydantic.", "fastapi.", "sqlalchemy", "psycopg")
+UNREADABLE = (
+    "Value error, ",
+    "Traceback",
+    'File "',
+    "<class",
+    "object at 0x",
+    "pydantic.",
+    "fastapi.",
+    "sqlalchemy",
+    "psycopg",
+)
 
 
 def assert_readable(msg: object) -> None:
