@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up reset test lint typecheck bench search clean
+.PHONY: up reset test lint typecheck bench bench-api search clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,6 +35,11 @@ typecheck: $(STAMP)
 ## The search-step benchmark (writes nothing; paste its table into docs/benchmarks.md).
 bench: $(STAMP)
 	$(BIN)/python bench/search_step.py
+
+## The API under load: POST /jobs, metrics GETs and many SSE streams against one uvicorn process on its own
+## PostgreSQL database and Redis queue (about 2 minutes; paste its tables into docs/benchmarks.md).
+bench-api: $(STAMP)
+	$(BIN)/python bench/api_load.py
 
 ## A small example search on PTB from the command line: make search OUT=runs/ptb
 OUT ?= runs/example
