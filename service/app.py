@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +21,7 @@ from .queue import make_celery
 from .routes import datasets, health
 from .routes import jobs as job_routes
 from .settings import Settings, get_settings
+from .streams import JobWatcher, State
 from .telemetry import JOBS, RequestMetrics
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with db.session() as session:
                 return jobs.count_by_status(session)
 
+        def states(job_ids: Sequence[str]) -> dict[str, State]:
+            with db.session() as session:
+                return dict(jobs.job_states(session, job_ids=job_ids))
+
         JOBS.count = count
+        app.state.watcher = JobWatcher(states, interval=settings.stream_poll_seconds)
         yield
+        await app.state.watcher.close()
         JOBS.count = None
         db.dispose()
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from .auth import current_owner
 from .db import Database
 from .settings import Settings
+from .streams import JobWatcher
 
 
 def get_db(request: Request) -> Database:
@@ -29,6 +30,11 @@ def get_celery(request: Request) -> Celery:
     return celery
 
 
+def get_watcher(request: Request) -> JobWatcher:
+    watcher: JobWatcher = request.app.state.watcher
+    return watcher
+
+
 def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
     with db.session() as session:
         yield session
@@ -39,6 +45,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 OwnerDep = Annotated[str, Depends(current_owner)]
+WatcherDep = Annotated[JobWatcher, Depends(get_watcher)]
 
 
 def require_content_type(*accepted: str):  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Text, cast, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -150,6 +150,23 @@ def delete_job(session: Session, *, owner: str, job_id: str) -> None:
 def epochs_after(session: Session, *, job_id: str, after: int, limit: int) -> Sequence[EpochRow]:
     query = select(EpochRow).where(EpochRow.job_id == job_id, EpochRow.epoch > after)
     return session.scalars(query.order_by(EpochRow.epoch).limit(limit)).all()
+
+
+def epoch_texts(session: Session, *, job_id: str, after: int, upto: int, limit: int) -> list[tuple[int, str]]:
+    """(epoch, record as stored JSON text) for after < epoch <= upto, oldest first: no decoding, no re-encoding."""
+    query = (
+        select(EpochRow.epoch, cast(EpochRow.record, Text))
+        .where(EpochRow.job_id == job_id, EpochRow.epoch > after, EpochRow.epoch <= upto)
+        .order_by(EpochRow.epoch)
+        .limit(limit)
+    )
+    return [(int(epoch), str(text)) for epoch, text in session.execute(query)]
+
+
+def job_states(session: Session, *, job_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """(status, epoch) of each job that still exists: what a stream's news depends on."""
+    rows = session.execute(select(Job.id, Job.status, Job.epoch).where(Job.id.in_(job_ids)))
+    return {job_id: (status, epoch) for job_id, status, epoch in rows}
 
 
 def job_status(session: Session, *, job_id: str) -> Job | None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +17,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from worker.search.spec import JobSpec
 
 from .. import datasets, jobs
-from ..deps import CeleryDep, DbDep, OwnerDep, SessionDep, SettingsDep, require_content_type
+from ..deps import CeleryDep, DbDep, OwnerDep, SessionDep, SettingsDep, WatcherDep, require_content_type
 from ..models import TERMINAL, Job
 from ..queue import enqueue_job
 from ..schemas import Architecture, CheckpointList, CheckpointRead, JobList, JobRead, MetricsPage, Status
@@ -26,6 +25,8 @@ from ..telemetry import OPEN_STREAMS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+STREAM_PAGE = 500  # epochs a stream sends per database read while it catches up
+STREAM_READS = anyio.CapacityLimiter(16)  # streams' reads at once per process: the rest of the pool serves requests
 MAX_EPOCH = 2**31 - 1  # epochs are a PostgreSQL INTEGER: a larger `after` would fail the query
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
@@ -129,23 +130,24 @@ def get_metrics(
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
 ) -> Response:
     job = jobs.get_job(session, owner=owner, job_id=job_id)
-    rows = jobs.epochs_after(session, job_id=job_id, after=after, limit=limit)
-    page = {
-        "job_id": job.id,
-        "status": job.status,
-        "items": [r.record for r in rows],
-        "next_after": rows[-1].epoch if rows else after,
-    }
-    body = json.dumps(page, separators=(",", ":")).encode()
-    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    # Epoch records never change once written and the job's `epoch` moves with each one (same transaction),
+    # so the page is fixed by these values: the ETag is known, and a 304 answered, before any record is read.
+    upto = min(job.epoch, after + limit)
+    etag = '"' + hashlib.sha256(f"{job.id}|{job.status}|{after}|{upto}".encode()).hexdigest()[:32] + '"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if _etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
+    rows = jobs.epoch_texts(session, job_id=job_id, after=after, upto=upto, limit=limit)
+    head = json.dumps({"job_id": job.id, "status": job.status})[:-1]
+    next_after = rows[-1][0] if rows else after
+    body = f'{head}, "items": [{", ".join(text for _, text in rows)}], "next_after": {next_after}}}'
     return Response(body, media_type="application/json", headers=headers)
 
 
-def _owned_job(job_id: str, session: SessionDep, owner: OwnerDep) -> Job:
-    return jobs.get_job(session, owner=owner, job_id=job_id)
+def _owned_job(job_id: str, db: DbDep, owner: OwnerDep) -> Job:
+    """The job, read in a session of its own: a stream must not hold a pooled connection while it is open."""
+    with db.session() as session:
+        return jobs.get_job(session, owner=owner, job_id=job_id)
 
 
 def _resume_point(
@@ -173,46 +175,46 @@ def _status_event(job: Job) -> ServerSentEvent:
 )
 async def stream_metrics(
     db: DbDep,
+    watcher: WatcherDep,
     settings: SettingsDep,
     job: Annotated[Job, Depends(_owned_job)],
     resume_after: Annotated[int, Depends(_resume_point)],
 ) -> AsyncIterator[ServerSentEvent]:
     # `job` and `resume_after` are resolved before the stream starts: a missing job is a plain 404.
-    sent = resume_after
-    job_id = job.id
+    sent, job_id = resume_after, job.id
 
-    def poll(after_epoch: int) -> tuple[Job | None, list[dict[str, Any]]]:
-        # Status first, then epochs: every epoch written before a terminal status is in this read.
+    def read(after_epoch: int) -> tuple[Job | None, list[tuple[int, str]]]:
+        # The job first, then its epochs up to the job's own count: a terminal status read here comes with
+        # every epoch written before it.
         with db.session() as session:
             current = jobs.job_status(session, job_id=job_id)
-            rows = jobs.epochs_after(session, job_id=job_id, after=after_epoch, limit=500)
-            return current, [r.record for r in rows]
+            if current is None:
+                return None, []
+            return current, jobs.epoch_texts(
+                session, job_id=job_id, after=after_epoch, upto=current.epoch, limit=STREAM_PAGE
+            )
 
     last_status: str | None = None
-    quiet_since = time.monotonic()
     OPEN_STREAMS.inc()
     try:
-        while True:
-            current, records = await anyio.to_thread.run_sync(poll, sent)
-            if current is None:
-                return  # deleted while streaming
-            for record in records:
-                yield ServerSentEvent(event="epoch", id=str(record["epoch"]), data=record)
-                sent = record["epoch"]
-            changed = current.status != last_status
-            if changed:
-                yield _status_event(current)
-                last_status = current.status
-            if current.status in TERMINAL and len(records) < 500:
-                return
-            if len(records) == 500:
-                continue
-            if records or changed:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since >= settings.stream_keepalive_seconds:
-                yield ServerSentEvent(comment="keep-alive")
-                quiet_since = time.monotonic()
-            await anyio.sleep(settings.stream_poll_seconds)
+        async with watcher.watch(job_id):
+            while True:
+                version = watcher.version(job_id)
+                current, rows = await anyio.to_thread.run_sync(read, sent, limiter=STREAM_READS)
+                if current is None:
+                    return  # deleted while streaming
+                for epoch, text in rows:
+                    yield ServerSentEvent(event="epoch", id=str(epoch), raw_data=text)
+                    sent = epoch
+                if current.status != last_status:
+                    yield _status_event(current)
+                    last_status = current.status
+                if len(rows) == STREAM_PAGE:
+                    continue  # more to catch up on before waiting
+                if current.status in TERMINAL:
+                    return
+                while not await watcher.wait(job_id, version, settings.stream_keepalive_seconds):
+                    yield ServerSentEvent(comment="keep-alive")
     finally:
         OPEN_STREAMS.dec()
 

@@ -9,9 +9,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
+from service import jobs
 from service.db import Database
 from service.models import CheckpointRow, Dataset, EpochRow, Job, utcnow
-from worker.search.spec import JobSpec, tiny_dict
+from worker.search.spec import PRIMITIVES, JobSpec, tiny_dict
 
 
 def job_spec(task: str = "forecast", **sections: Any) -> dict[str, Any]:
@@ -55,24 +56,25 @@ def add_job(db: Database, *, status: str = "queued", owner: str = "default", epo
                 status=status,
                 spec=spec.model_dump(mode="json"),
                 epochs=spec.search.epochs,
-                epoch=epochs_done,
+                epoch=0,
                 attempt=0,
                 cancel_requested=False,
                 created_at=utcnow(),
             )
         )
-        session.flush()
-        for epoch in range(1, epochs_done + 1):
-            session.add(EpochRow(job_id=job_id, epoch=epoch, record=epoch_record(epoch), created_at=utcnow()))
         session.commit()
+    add_epochs(db, job_id, range(1, epochs_done + 1))
     return job_id
 
 
 def add_epochs(db: Database, job_id: str, epochs: range) -> None:
+    """Epoch records written the way the worker writes them (the row and the job's summary together)."""
     with db.session() as session:
         for epoch in epochs:
-            session.add(EpochRow(job_id=job_id, epoch=epoch, record=epoch_record(epoch), created_at=utcnow()))
-        session.commit()
+            record = epoch_record(epoch)
+            arch = {"genotype": record["genotype"], "alpha": record["alpha"], "primitives": list(PRIMITIVES)}
+            arch |= {"epoch": epoch, "final": False}
+            jobs.record_epoch(session, job_id=job_id, record=record, architecture=arch)
 
 
 def add_checkpoint(db: Database, jobs_dir: Path, job_id: str, name: str, payload: bytes, *, epoch: int = 1) -> str:

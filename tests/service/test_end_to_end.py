@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -196,3 +197,31 @@ def test_an_uploaded_series_is_searched_and_a_bad_one_fails_the_job_not_the_work
     failed = wait_finished(http, submit(http, window_too_long))
     assert failed["status"] == "failed" and failed["error"] and "Traceback" not in failed["error"]
     assert wait_finished(http, submit(http, job_spec()))["status"] == "succeeded"  # the worker lives on
+
+
+def test_more_streams_than_database_connections_all_see_every_epoch(stack: Stack, http: httpx.Client) -> None:
+    """Open streams hold no pooled connection (the pool has 30): 60 streams of one job all get everything,
+    and plain requests keep being answered meanwhile."""
+    job_id = submit(http, job_spec(search={"epochs": 4, "batches_per_epoch": 30}))
+
+    async def follow(client: httpx.AsyncClient) -> list[str]:
+        seen: list[str] = []
+        async with client.stream("GET", f"/jobs/{job_id}/metrics/stream") as r:
+            async for line in r.aiter_lines():
+                if line.startswith(("id: ", 'data: {"status": "succeeded')):
+                    seen.append(line)
+        return seen
+
+    async def crowd() -> tuple[list[list[str]], int]:
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=60, limits=limits) as client:
+            streams = [asyncio.create_task(follow(client)) for _ in range(60)]
+            await asyncio.sleep(1.0)
+            status = (await client.get(f"/jobs/{job_id}")).status_code  # answered while 60 streams are open
+            return await asyncio.gather(*streams), status
+
+    results, status = asyncio.run(crowd())
+    assert status == 200
+    expected = ["id: 1", "id: 2", "id: 3", "id: 4"]
+    for seen in results:
+        assert seen[:-1] == expected and seen[-1].startswith('data: {"status": "succeeded')
