@@ -147,11 +147,6 @@ def delete_job(session: Session, *, owner: str, job_id: str) -> None:
     session.commit()
 
 
-def epochs_after(session: Session, *, job_id: str, after: int, limit: int) -> Sequence[EpochRow]:
-    query = select(EpochRow).where(EpochRow.job_id == job_id, EpochRow.epoch > after)
-    return session.scalars(query.order_by(EpochRow.epoch).limit(limit)).all()
-
-
 def epoch_texts(session: Session, *, job_id: str, after: int, upto: int, limit: int) -> list[tuple[int, str]]:
     """(epoch, record as stored JSON text) for after < epoch <= upto, oldest first: no decoding, no re-encoding."""
     query = (

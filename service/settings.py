@@ -29,9 +29,10 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="largest JSON body accepted (413 beyond)")
     max_upload_bytes: int = Field(default=64 << 20, gt=0, description="largest dataset upload (413 beyond)")
-    page_limit: int = Field(default=100, gt=0, description="largest `limit` of a list or metrics page")
 
-    stream_poll_seconds: float = Field(default=0.5, gt=0, description="how often a stream looks for news")
+    stream_poll_seconds: float = Field(
+        default=0.5, gt=0, description="how often the API reads the state of jobs being streamed"
+    )
     stream_keepalive_seconds: float = Field(default=10.0, gt=0, description="comment line after this much quiet")
     cancel_poll_seconds: float = Field(default=0.5, ge=0, description="how often a running job reads its cancel flag")
     enqueue_timeout_seconds: float = Field(default=5.0, gt=0, description="give up sending to the broker after this")

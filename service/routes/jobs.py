@@ -49,7 +49,6 @@ def create_job(
     session: SessionDep,
     owner: OwnerDep,
     celery: CeleryDep,
-    settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Job:
     if idempotency_key is not None and not idempotency_key.isprintable():
