@@ -6,13 +6,16 @@ import asyncio
 import hashlib
 import io
 import json
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 import torch
 from httpx_sse import connect_sse
 
@@ -45,6 +48,7 @@ def stack(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory)
         yield running
     finally:
         running.stop()
+        redis.Redis.from_url(redis_url).delete(queue)
 
 
 @pytest.fixture
@@ -82,13 +86,37 @@ def stream_events(
     return events
 
 
-def test_a_job_runs_to_the_end_and_every_view_of_its_epochs_agrees(http: httpx.Client) -> None:
+def poll_until_finished(http: httpx.Client, job_id: str) -> tuple[list[int], int]:
+    """Poll metrics with `after` and the ETag, as a client would, until the job ended and nothing is left:
+    the epochs seen, and how many polls were answered 304."""
+    seen: list[int] = []
+    after, etag, not_modified = 0, "", 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        r = http.get(f"/jobs/{job_id}/metrics", params={"after": after, "limit": 4}, headers={"If-None-Match": etag})
+        if r.status_code == 304:
+            not_modified += 1
+        else:
+            page, etag = r.json(), r.headers["etag"]
+            seen += [item["epoch"] for item in page["items"]]
+            after = page["next_after"]
+            if page["status"] in TERMINAL and not page["items"]:
+                return seen, not_modified
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not finish; polled {seen}")
+
+
+def test_a_job_runs_to_the_end_and_every_view_of_its_epochs_agrees(stack: Stack, http: httpx.Client) -> None:
     spec = job_spec(
         search={"epochs": 6, "batches_per_epoch": 6},
         scheduler={"type": "CosineAnnealingLR", "T_max": 6, "eta_min": 0.0001},
     )
     job_id = submit(http, spec)
-    events = stream_events(http, job_id)
+    # One client streams while another polls, both during the run.
+    with ThreadPoolExecutor(1) as pool, httpx.Client(base_url=stack.base_url, timeout=30) as streamer:
+        streaming = pool.submit(stream_events, streamer, job_id)
+        polled, not_modified = poll_until_finished(http, job_id)
+        events = streaming.result(timeout=120)
 
     statuses = [data["status"] for event, _, data in events if event == "status" and data]
     assert statuses[-1] == "succeeded" and "running" in statuses
@@ -98,16 +126,8 @@ def test_a_job_runs_to_the_end_and_every_view_of_its_epochs_agrees(http: httpx.C
     streamed = [int(i) for event, i, _ in events if event == "epoch"]
     assert streamed == [1, 2, 3, 4, 5, 6]
     assert events[-1][0] == "status"  # the stream ends after the terminal status
-
-    polled: list[int] = []
-    after = 0
-    while True:
-        page = http.get(f"/jobs/{job_id}/metrics", params={"after": after, "limit": 4}).json()
-        polled += [item["epoch"] for item in page["items"]]
-        if not page["items"]:
-            break
-        after = page["next_after"]
     assert polled == streamed
+    assert not_modified > 0  # polls that found nothing new were answered 304
 
     job = http.get(f"/jobs/{job_id}").json()
     assert (job["status"], job["stop_reason"], job["epoch"], job["attempt"]) == ("succeeded", "completed", 6, 1)
