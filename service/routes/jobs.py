@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from worker.search.spec import JobSpec
+from worker.search.spec import JobSpec, series_fit_errors
 
 from .. import datasets, jobs
 from ..deps import CeleryDep, DbDep, OwnerDep, SessionDep, SettingsDep, WatcherDep, require_content_type
@@ -68,6 +68,13 @@ def create_job(
         if found.task != spec.task:
             msg = f"dataset {found.id} was uploaded for task {found.task!r}, not {spec.task!r}"
             raise _invalid(("body", "dataset", "id"), msg, spec.dataset.id)
+        window, horizon = spec.model.window, spec.model.horizon
+        if window is not None and horizon is not None:
+            rows = int(found.summary["rows"])
+            errors = series_fit_errors(rows, f"dataset {found.name!r}", window=window, horizon=horizon)
+            bad = [{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": v} for loc, msg, v in errors]
+            if bad:
+                raise RequestValidationError(bad)
     digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
     job, created = jobs.create_job(
         session, owner=owner, spec=spec, idempotency_key=idempotency_key, request_hash=digest

@@ -213,9 +213,18 @@ def test_an_uploaded_series_is_searched_and_a_bad_one_fails_the_job_not_the_work
     job = wait_finished(http, submit(http, job_spec(dataset={"id": dataset["id"]})))
     assert job["status"] == "succeeded", job["error"]
 
-    window_too_long = job_spec(dataset={"id": dataset["id"]}, model={"window": 400})
-    failed = wait_finished(http, submit(http, window_too_long))
-    assert failed["status"] == "failed" and failed["error"] and "Traceback" not in failed["error"]
+    too_long = http.post("/jobs", json=job_spec(dataset={"id": dataset["id"]}, model={"window": 400}))
+    assert too_long.status_code == 422  # checked against the upload's rows before anything runs
+    assert too_long.json()["detail"][0]["loc"] == ["body", "model", "window"]
+
+    # What only the data can tell fails the job, with the reason, and the worker carries on.
+    words = "\n".join(" ".join(f"w{(i * 7 + j) % 50}" for j in range(12)) for i in range(40))
+    corpus = http.post(
+        "/datasets", files={"file": ("c.txt", words, "text/plain")}, data={"task": "language_model"}
+    ).json()
+    too_big = job_spec("language_model", dataset={"id": corpus["id"]}, search={"batch_size": 512})
+    failed = wait_finished(http, submit(http, too_big))
+    assert failed["status"] == "failed" and "batch_size" in failed["error"] and "Traceback" not in failed["error"]
     assert wait_finished(http, submit(http, job_spec()))["status"] == "succeeded"  # the worker lives on
 
 

@@ -519,22 +519,24 @@ def _cross_field_errors(spec: JobSpec) -> Any:
             msg = f"built-in dataset {builtin.name!r} is for {builtin.task} jobs, not {spec.task}"
             yield ("dataset", "builtin"), msg, builtin.name
         elif builtin.length is not None and m.window is not None and m.horizon is not None:
-            n_train, n_valid = series_split_lengths(builtin.length)
-            # Each part must hold at least two windows (a batch of one cannot be batch-normalised).
-            if m.horizon + 1 > n_valid:
-                msg = (
-                    f"horizon ({m.horizon}) leaves fewer than two validation windows in the {n_valid} "
-                    f"validation rows of {builtin.name!r}"
-                )
-                yield ("model", "horizon"), msg, m.horizon
-            if m.window + m.horizon + 1 > n_train:
-                msg = (
-                    f"window + horizon ({m.window + m.horizon}) leaves fewer than two training windows in "
-                    f"the {n_train} training rows of {builtin.name!r}"
-                )
-                yield ("model", "window"), msg, m.window
+            yield from series_fit_errors(builtin.length, repr(builtin.name), window=m.window, horizon=m.horizon)
 
     yield from _scheduler_errors(spec)
+
+
+def series_fit_errors(rows: int, name: str, *, window: int, horizon: int) -> Any:
+    """(loc, msg, value) for a window and horizon that leave fewer than two training or validation windows
+    in a series of `rows` rows (a batch of one cannot be batch-normalised). The service checks uploads by it."""
+    n_train, n_valid = series_split_lengths(rows)
+    if horizon + 1 > n_valid:
+        msg = f"horizon ({horizon}) leaves fewer than two validation windows in the {n_valid} validation rows of {name}"
+        yield ("model", "horizon"), msg, horizon
+    if window + horizon + 1 > n_train:
+        msg = (
+            f"window + horizon ({window + horizon}) leaves fewer than two training windows in "
+            f"the {n_train} training rows of {name}"
+        )
+        yield ("model", "window"), msg, window
 
 
 def _scheduler_errors(spec: JobSpec) -> Any:
