@@ -99,17 +99,24 @@ def clean_db(db: Database) -> Database:
     return db
 
 
-@pytest.fixture
-def settings(pg_url: str, redis_url: str, queue_name: str, tmp_path: Path) -> Settings:
+def service_settings(*, database_url: str, broker_url: str, queue: str, artifacts_dir: Path) -> Settings:
+    """The service's settings for tests: real servers, and short intervals so that streams and cancels are quick."""
     return Settings(
-        database_url=pg_url,
-        broker_url=redis_url,
-        queue=queue_name,
-        artifacts_dir=tmp_path / "artifacts",
+        database_url=database_url,
+        broker_url=broker_url,
+        queue=queue,
+        artifacts_dir=artifacts_dir,
         data_dir=shared_data_dir(),
         stream_poll_seconds=0.05,
-        stream_keepalive_seconds=0.3,
+        stream_keepalive_seconds=0.5,
         cancel_poll_seconds=0.0,
+    )
+
+
+@pytest.fixture
+def settings(pg_url: str, redis_url: str, queue_name: str, tmp_path: Path) -> Settings:
+    return service_settings(
+        database_url=pg_url, broker_url=redis_url, queue=queue_name, artifacts_dir=tmp_path / "artifacts"
     )
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from service.settings import Settings
+
 from ..conftest import REPO
 
 
@@ -69,9 +71,15 @@ def spawn(name: str, args: list[str], *, env: dict[str, str], cwd: Path, logs: P
 
 
 def service_env(**settings: Any) -> dict[str, str]:
+    """Environment variables that give a service process these settings (DARTS_<NAME>)."""
     env = {f"DARTS_{k.upper()}": str(v) for k, v in settings.items()}
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment of a service process with exactly these settings."""
+    return service_env(**settings.model_dump())
 
 
 def start_worker(env: dict[str, str], *, cwd: Path, logs: Path, queue: str) -> Proc:

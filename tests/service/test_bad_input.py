@@ -18,7 +18,7 @@ from service.app import create_app
 from service.db import Database
 from service.settings import Settings
 
-from ..conftest import shared_data_dir
+from .conftest import service_settings
 from .factories import add_job, job_spec, row_counts
 
 # Signs of a message written for a programmer instead of a user.
@@ -89,15 +89,8 @@ def uploads(settings: Settings) -> list[str]:
 def api(pg_url: str, redis_url: str, queue_name: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """One app for the many rejections (an app per test would triple this file's time); tests that count rows
     from zero use the `client` fixture instead."""
-    settings = Settings(
-        database_url=pg_url,
-        broker_url=redis_url,
-        queue=queue_name,
-        artifacts_dir=tmp_path_factory.mktemp("artifacts"),
-        data_dir=shared_data_dir(),
-        stream_poll_seconds=0.05,
-        stream_keepalive_seconds=0.3,
-    )
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    settings = service_settings(database_url=pg_url, broker_url=redis_url, queue=queue_name, artifacts_dir=artifacts)
     with TestClient(create_app(settings)) as test_client:
         yield test_client
 

@@ -19,9 +19,9 @@ import redis
 import torch
 from httpx_sse import connect_sse
 
-from ..conftest import shared_data_dir
+from .conftest import service_settings
 from .factories import job_spec
-from .processes import Stack, free_port, service_env, start_api, start_worker, wait_for
+from .processes import Stack, free_port, settings_env, start_api, start_worker, wait_for
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -30,16 +30,10 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 def stack(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("e2e")
     queue = f"darts-e2e-{uuid.uuid4().hex[:8]}"
-    env = service_env(
-        database_url=pg_url,
-        broker_url=redis_url,
-        queue=queue,
-        artifacts_dir=root / "artifacts",
-        data_dir=shared_data_dir(),
-        cancel_poll_seconds=0,
-        stream_poll_seconds=0.05,
-        stream_keepalive_seconds=0.5,
+    settings = service_settings(
+        database_url=pg_url, broker_url=redis_url, queue=queue, artifacts_dir=root / "artifacts"
     )
+    env = settings_env(settings)
     port = free_port()
     running = Stack(f"http://127.0.0.1:{port}")
     try:
