@@ -15,9 +15,16 @@ Phases, each printed as a Markdown table (paste it into docs/benchmarks.md):
    one epoch per job every 0.5 s (through `service.jobs.record_epoch`, as the worker does) and then marks the
    jobs succeeded. A stream "held" if it got every epoch exactly once, in order, and the terminal status, and
    ended. Delivery latency is from the epoch row's commit to the event's arrival here. K escalates until a
-   level loses something or its p99 latency exceeds --max-p99. Each stream polls the database every
-   DARTS_STREAM_POLL_SECONDS (the default is kept), so the database sees K / poll polls per second. The API's
-   own PostgreSQL connections (and how many sit idle in a transaction) are sampled from pg_stat_activity.
+   level loses something or its p99 latency exceeds --max-p99. Streams do not poll: one watcher in the API
+   process reads (status, epoch) of every watched job with one query every DARTS_STREAM_POLL_SECONDS (the
+   default is kept) and wakes only the streams whose job changed, which then read their new epochs. The
+   database's load is measured, not computed: the "API DB tx/s" column is the transactions per second of the
+   benchmark's database in pg_stat_database (xact_commit + xact_rollback, sampled when the writer starts and
+   when it ends) less the writer's own, counted here. A session on a reused pooled connection is two
+   transactions (the pool's pre-ping, then the work), for the API as for the writer. PostgreSQL publishes a
+   backend's counters at most once a second, so the window's edges blur by about that much. The
+   API's own PostgreSQL connections (and how many sit idle in a transaction) are sampled from
+   pg_stat_activity.
 
 The "cores" column is CPU seconds per wall second during the level, for the API process, this load generator,
 PostgreSQL and Redis (all their processes), and everything else on the machine (from /proc/stat): "others"
@@ -35,6 +42,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -189,6 +198,7 @@ class Backend:
     description: str
     cleanup: Callable[[], None]
     api_connections: Callable[[], tuple[int, int]] | None = None  # the API's (open, idle in transaction)
+    transactions: Callable[[], int] | None = None  # the database's transactions so far, everyone's
 
 
 def postgres_backend() -> Backend:
@@ -212,6 +222,11 @@ def postgres_backend() -> Backend:
             total, idle_in_transaction = conn.execute(query, {"name": name, "bench": BENCH_APP}).one()
         return int(total), int(idle_in_transaction)
 
+    def transactions() -> int:
+        query = text("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = :name")
+        with admin.connect() as conn:  # the admin's own database: this query is not counted
+            return int(conn.execute(query, {"name": name}).scalar_one())
+
     url = admin.url.set(database=name)
     bench_url = url.update_query_dict({"application_name": BENCH_APP})
     return Backend(
@@ -220,6 +235,7 @@ def postgres_backend() -> Backend:
         f"PostgreSQL {version.split()[0]} on loopback",
         drop,
         api_connections,
+        transactions,
     )
 
 
@@ -511,8 +527,11 @@ def epoch_schedule(job_ids: list[str], epochs: int, rng: random.Random) -> list[
     return sorted(plan)
 
 
-def write_epochs(db: Database, job_ids: list[str], epochs: int, commits: dict[tuple[str, int], float]) -> None:
-    """One epoch per job every EPOCH_INTERVAL seconds (committed as the worker does), then every job succeeds."""
+def write_epochs(db: Database, job_ids: list[str], epochs: int, commits: dict[tuple[str, int], float]) -> int:
+    """One epoch per job every EPOCH_INTERVAL seconds (committed as the worker does), then every job succeeds.
+    Returns the transactions PostgreSQL counts for it: two a session, the commit and the pool's pre-ping
+    (`service/db.py` sets pool_pre_ping; the ping runs in a transaction of its own on a reused connection, and
+    this one thread reuses the connection it seeded the jobs with)."""
     rngs = {job_id: random.Random(job_id) for job_id in job_ids}
     start = time.monotonic()
     for offset, job_id, epoch in epoch_schedule(job_ids, epochs, random.Random(len(job_ids))):
@@ -527,6 +546,7 @@ def write_epochs(db: Database, job_ids: list[str], epochs: int, commits: dict[tu
     for job_id in job_ids:
         with db.session() as session:
             job_queries.finish_job(session, job_id=job_id, status="succeeded", stop_reason="completed")
+    return 2 * (len(commits) + len(job_ids))
 
 
 @dataclass
@@ -542,6 +562,7 @@ class StreamLevel:
     rss_before: float = 0.0
     rss_peak: float = 0.0
     connections_peak: tuple[int, int] | None = None  # the API's PostgreSQL connections: open, idle in transaction
+    api_transactions: float | None = None  # per second while epochs flow, the writer's own commits taken out
     cores: Cores | None = None
     failures: Counter[str] = field(default_factory=Counter)
 
@@ -558,7 +579,7 @@ class StreamLevel:
         return [
             str(self.streams),
             str(self.jobs),
-            f"{self.streams / POLL_SECONDS:.0f}",
+            "n/a" if self.api_transactions is None else f"{self.api_transactions:.0f}",
             f"{self.connect_seconds:.1f}",
             f"{self.established} / {self.streams}",
             f"{self.held} / {self.streams}",
@@ -606,8 +627,12 @@ async def run_streams(api: Api, backend: Backend, db: Database, k: int, seconds:
         await wait_established(streams, tasks, timeout=30 + k * 0.05)
         level.connect_seconds = time.monotonic() - started
         commits: dict[tuple[str, int], float] = {}
-        before = CpuSnapshot.take(api.pid)
-        await asyncio.to_thread(write_epochs, db, job_ids, level.epochs, commits)
+        count = backend.transactions or (lambda: 0)
+        before, transactions = CpuSnapshot.take(api.pid), await asyncio.to_thread(count)
+        written = await asyncio.to_thread(write_epochs, db, job_ids, level.epochs, commits)
+        transactions = await asyncio.to_thread(count) - transactions - written
+        if backend.transactions is not None:
+            level.api_transactions = transactions / (time.monotonic() - before.wall)
         _done, pending = await asyncio.wait(tasks, timeout=30 + POLL_SECONDS * 4)
         after = CpuSnapshot.take(api.pid)
         for task in pending:
@@ -672,11 +697,21 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def server_modules() -> str:
+    """uvloop and httptools, which uvicorn's defaults (--loop auto, --http auto) use when they are installed."""
+    found = [
+        f"{name} {importlib.metadata.version(name)}"
+        for name in ("uvloop", "httptools")
+        if importlib.util.find_spec(name)
+    ]
+    return f", {' and '.join(found)}" if found else ", asyncio loop and h11"
+
+
 def machine_line(backend: Backend) -> str:
     cores = len(os.sched_getaffinity(0))
     return (
         f"Machine: {cpu_model()}, {cores} cores available, Linux {platform.release()}, "
-        f"Python {platform.python_version()}, uvicorn {uvicorn.__version__} (one process), "
+        f"Python {platform.python_version()}, uvicorn {uvicorn.__version__} (one process{server_modules()}), "
         f"{backend.description}, Redis broker"
     )
 
@@ -723,12 +758,14 @@ def report(
         f"the answer is {metrics_bytes / 1024:.0f} KiB), {args.requests} requests a level:\n"
     )
     print(table(heads, [level.row() for level in metrics], right_from=1))
-    heads = ["streams", "jobs", "DB polls/s (K / poll)", "connect s", "established", "held", "epochs delivered"]
+    heads = ["streams", "jobs", "API DB tx/s", "connect s", "established", "held", "epochs delivered"]
     heads += ["delivery p50 ms", "p99 ms", "max ms", "API RSS MiB", "API DB connections (idle in tx)"]
     heads += [CORES_HEADING]
     print(
         f"\n`GET /jobs/{{id}}/metrics/stream`: {STREAMS_PER_JOB} streams a job, one epoch per job every "
-        f"{EPOCH_INTERVAL} s for {args.seconds:.0f} s, then `succeeded`; each stream polls every {POLL_SECONDS} s:\n"
+        f"{EPOCH_INTERVAL} s for {args.seconds:.0f} s, then `succeeded`; one watcher polls every watched job every "
+        f"{POLL_SECONDS} s and wakes the streams whose job changed; API DB tx/s is measured while epochs flow "
+        "(pg_stat_database, less the writer's own):\n"
     )
     print(table(heads, [level.row() for level in streams], right_from=1))
     if any(level.failures for level in streams):
