@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,7 +21,7 @@ from .queue import make_celery
 from .routes import datasets, health
 from .routes import jobs as job_routes
 from .settings import Settings, get_settings
-from .streams import JobWatcher, State
+from .streams import JobState, JobWatcher
 from .telemetry import JOBS, RequestMetrics
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with db.session() as session:
                 return jobs.count_by_status(session)
 
-        def states(job_ids: Sequence[str]) -> dict[str, State]:
+        def watch_read(known: Mapping[str, int]) -> dict[str, tuple[JobState, list[tuple[int, str]]]]:
             with db.session() as session:
-                return dict(jobs.job_states(session, job_ids=job_ids))
+                return jobs.watch_read(session, known=known)
 
         JOBS.count = count
-        app.state.watcher = JobWatcher(states, interval=settings.stream_poll_seconds)
+        app.state.watcher = JobWatcher(watch_read, interval=settings.stream_poll_seconds)
         yield
         await app.state.watcher.close()
         JOBS.count = None

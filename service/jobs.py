@@ -5,17 +5,18 @@ from __future__ import annotations
 import base64
 import binascii
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, cast, delete, func, or_, select, update
+from sqlalchemy import Text, and_, cast, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker.search.spec import JobSpec
 
 from .models import TERMINAL, CheckpointRow, EpochRow, Job, utcnow
+from .streams import JobState
 
 
 class NotFound(LookupError):
@@ -158,10 +159,26 @@ def epoch_texts(session: Session, *, job_id: str, after: int, upto: int, limit: 
     return [(int(epoch), str(text)) for epoch, text in session.execute(query)]
 
 
-def job_states(session: Session, *, job_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
-    """(status, epoch) of each job that still exists: what a stream's news depends on."""
-    rows = session.execute(select(Job.id, Job.status, Job.epoch).where(Job.id.in_(job_ids)))
-    return {job_id: (status, epoch) for job_id, status, epoch in rows}
+def watch_read(session: Session, *, known: Mapping[str, int]) -> dict[str, tuple[JobState, list[tuple[int, str]]]]:
+    """For the stream watcher: each job's state, and its epochs (as JSON text) after `known[job]` up to the
+    state's epoch; nothing for a job whose `known` is -1 (not read before). Two queries for all the jobs."""
+    rows = session.execute(
+        select(Job.id, Job.status, Job.epoch, Job.stop_reason, Job.error).where(Job.id.in_(list(known)))
+    )
+    states = {job_id: JobState(status, epoch, stop_reason, error) for job_id, status, epoch, stop_reason, error in rows}
+    wanted = [(j, known[j], s.epoch) for j, s in states.items() if 0 <= known[j] < s.epoch]
+    found: dict[str, tuple[JobState, list[tuple[int, str]]]] = {j: (s, []) for j, s in states.items()}
+    if wanted:
+        query = (
+            select(EpochRow.job_id, EpochRow.epoch, cast(EpochRow.record, Text))
+            .where(
+                or_(*(and_(EpochRow.job_id == j, EpochRow.epoch > lo, EpochRow.epoch <= hi) for j, lo, hi in wanted))
+            )
+            .order_by(EpochRow.job_id, EpochRow.epoch)
+        )
+        for job_id, epoch, text in session.execute(query):
+            found[job_id][1].append((int(epoch), str(text)))
+    return found
 
 
 def job_status(session: Session, *, job_id: str) -> Job | None:

@@ -1,32 +1,63 @@
-"""One database poll for every open stream: streams wait for their job to change instead of polling alone."""
+"""One watcher per API process feeds every open stream: one poll for all watched jobs, one read of new epochs
+per changed job, however many streams follow it. Streams wait for their job to change; they poll nothing."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from dataclasses import dataclass
 
 import anyio
 
 log = logging.getLogger(__name__)
 
-State = tuple[Any, ...] | None  # what a stream's news depends on (status, epoch, ...); None once the job is gone
+KEEP = 64  # newest epochs kept per watched job; a stream further behind reads the database itself
+
+
+@dataclass(frozen=True)
+class JobState:
+    status: str
+    epoch: int
+    stop_reason: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A job as the watcher last read it: its state and its newest epochs `(base, state.epoch]` as JSON text."""
+
+    version: int
+    read_at: float  # time.monotonic() when the read began: the snapshot is at least as new as that moment
+    state: JobState | None  # None once the job is gone
+    base: int
+    records: tuple[tuple[int, str], ...]
+
+    def after(self, epoch: int, *, newer_than: float) -> list[tuple[int, str]] | None:
+        """The records after `epoch`; None when this snapshot does not reach back that far, or may be older
+        than what the caller read itself at `newer_than` (then it would go back in time)."""
+        if self.state is None or epoch < self.base or self.read_at < newer_than:
+            return None
+        return [r for r in self.records if r[0] > epoch]
+
+
+# Given {job id: newest epoch already read, or -1 for a job not read before}, the read returns each job's state
+# and its epochs after that one, up to the state's epoch (none for a job not read before).
+Read = Callable[[Mapping[str, int]], dict[str, tuple[JobState, list[tuple[int, str]]]]]
 
 
 class JobWatcher:
-    """Reads the state of every watched job with one query per `interval`, and bumps a job's version when
-    its state changes. A stream notes the version before it reads the database, then waits for a newer one:
-    a change committed after its read is always seen by a later poll, so nothing is missed."""
+    """A stream notes its job's version before it looks, then waits for a newer one: a change committed after
+    the look is always seen by a later poll, so nothing is missed."""
 
-    def __init__(self, read_states: Callable[[Sequence[str]], dict[str, State]], *, interval: float) -> None:
-        self.read_states = read_states
+    def __init__(self, read: Read, *, interval: float) -> None:
+        self.read = read
         self.interval = interval
         self.watching: Counter[str] = Counter()
-        self.states: dict[str, State] = {}
-        self.versions: dict[str, int] = {}
+        self.snapshots: dict[str, Snapshot] = {}
         self.changed = asyncio.Condition()
         self.task: asyncio.Task[None] | None = None
 
@@ -41,11 +72,14 @@ class JobWatcher:
             self.watching[job_id] -= 1
             if self.watching[job_id] <= 0:
                 del self.watching[job_id]
-                self.states.pop(job_id, None)
-                self.versions.pop(job_id, None)
+                self.snapshots.pop(job_id, None)
+
+    def snapshot(self, job_id: str) -> Snapshot | None:
+        return self.snapshots.get(job_id)
 
     def version(self, job_id: str) -> int:
-        return self.versions.get(job_id, 0)
+        snap = self.snapshots.get(job_id)
+        return snap.version if snap else 0
 
     async def wait(self, job_id: str, version: int, timeout: float) -> bool:
         """True once the job's version passes `version`; False after `timeout` seconds without a change."""
@@ -58,23 +92,42 @@ class JobWatcher:
 
     async def _run(self) -> None:
         while self.watching:
-            ids = list(self.watching)
+            known = {job_id: self._newest(job_id) for job_id in self.watching}
+            read_at = time.monotonic()
             try:
-                states = await anyio.to_thread.run_sync(self.read_states, ids)
+                found = await anyio.to_thread.run_sync(self.read, known)
             except Exception as exc:  # the database is away: streams keep waiting (and sending keep-alives)
                 log.warning("stream watcher could not read job states: %s", exc)
             else:
-                bumped = False
-                for job_id in ids:
-                    state = states.get(job_id)
-                    if job_id in self.watching and (job_id not in self.states or self.states[job_id] != state):
-                        self.states[job_id] = state
-                        self.versions[job_id] = self.version(job_id) + 1
-                        bumped = True
-                if bumped:
+                if self._update(known, found, read_at):
                     async with self.changed:
                         self.changed.notify_all()
             await asyncio.sleep(self.interval)
+
+    def _newest(self, job_id: str) -> int:
+        snap = self.snapshots.get(job_id)
+        return -1 if snap is None or snap.state is None else snap.state.epoch
+
+    def _update(
+        self, known: Mapping[str, int], found: Mapping[str, tuple[JobState, list[tuple[int, str]]]], read_at: float
+    ) -> bool:
+        bumped = False
+        for job_id in known:
+            if job_id not in self.watching:
+                continue  # the last stream left while the read ran
+            old = self.snapshots.get(job_id)
+            state, new = found.get(job_id, (None, []))
+            if old is not None and old.state == state:
+                continue
+            records: tuple[tuple[int, str], ...] = ()
+            if old is None or old.state is None or state is None:
+                base = state.epoch if state else 0
+            else:
+                records = (*old.records, *new)[-KEEP:]
+                base = records[0][0] - 1 if records else state.epoch
+            self.snapshots[job_id] = Snapshot(self.version(job_id) + 1, read_at, state, base, records)
+            bumped = True
+        return bumped
 
     async def close(self) -> None:
         if self.task is not None:

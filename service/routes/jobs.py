@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ from ..deps import CeleryDep, DbDep, OwnerDep, SessionDep, SettingsDep, WatcherD
 from ..models import TERMINAL, Job
 from ..queue import enqueue_job
 from ..schemas import Architecture, CheckpointList, CheckpointRead, JobList, JobRead, MetricsPage, Status
+from ..streams import JobState
 from ..telemetry import OPEN_STREAMS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -169,8 +171,8 @@ def _resume_point(
     return int(value)
 
 
-def _status_event(job: Job) -> ServerSentEvent:
-    data = {"status": job.status, "stop_reason": job.stop_reason, "error": job.error, "epoch": job.epoch}
+def _status_event(state: JobState) -> ServerSentEvent:
+    data = {"status": state.status, "stop_reason": state.stop_reason, "error": state.error, "epoch": state.epoch}
     return ServerSentEvent(event="status", data=data)
 
 
@@ -189,35 +191,43 @@ async def stream_metrics(
     # `job` and `resume_after` are resolved before the stream starts: a missing job is a plain 404.
     sent, job_id = resume_after, job.id
 
-    def read(after_epoch: int) -> tuple[Job | None, list[tuple[int, str]]]:
+    def read(after_epoch: int) -> tuple[JobState | None, list[tuple[int, str]]]:
         # The job first, then its epochs up to the job's own count: a terminal status read here comes with
         # every epoch written before it.
         with db.session() as session:
             current = jobs.job_status(session, job_id=job_id)
             if current is None:
                 return None, []
-            return current, jobs.epoch_texts(
+            state = JobState(current.status, current.epoch, current.stop_reason, current.error)
+            return state, jobs.epoch_texts(
                 session, job_id=job_id, after=after_epoch, upto=current.epoch, limit=STREAM_PAGE
             )
 
     last_status: str | None = None
+    own_read_at = 0.0  # when this stream last read the database itself
     OPEN_STREAMS.inc()
     try:
         async with watcher.watch(job_id):
             while True:
-                version = watcher.version(job_id)
-                current, rows = await anyio.to_thread.run_sync(read, sent, limiter=STREAM_READS)
-                if current is None:
+                snapshot = watcher.snapshot(job_id)
+                version = snapshot.version if snapshot else 0
+                cached = snapshot.after(sent, newer_than=own_read_at) if snapshot else None
+                if cached is not None and snapshot is not None:
+                    state, rows = snapshot.state, cached  # what the watcher read once for every stream of the job
+                else:  # behind the watcher's window, or ahead of its last read: read the database itself
+                    state, rows = await anyio.to_thread.run_sync(read, sent, limiter=STREAM_READS)
+                    own_read_at = time.monotonic()
+                if state is None:
                     return  # deleted while streaming
                 for epoch, text in rows:
                     yield ServerSentEvent(event="epoch", id=str(epoch), raw_data=text)
                     sent = epoch
-                if current.status != last_status:
-                    yield _status_event(current)
-                    last_status = current.status
+                if state.status != last_status:
+                    yield _status_event(state)
+                    last_status = state.status
                 if len(rows) == STREAM_PAGE:
                     continue  # more to catch up on before waiting
-                if current.status in TERMINAL:
+                if state.status in TERMINAL:
                     return
                 while not await watcher.wait(job_id, version, settings.stream_keepalive_seconds):
                     yield ServerSentEvent(comment="keep-alive")
