@@ -21,7 +21,7 @@ from .queue import make_celery
 from .routes import datasets, health
 from .routes import jobs as job_routes
 from .settings import Settings, get_settings
-from .streams import JobState, JobWatcher
+from .streams import JobState, JobWatcher, Records
 from .telemetry import JOBS, RequestMetrics
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with db.session() as session:
                 return jobs.count_by_status(session)
 
-        def watch_read(known: Mapping[str, int]) -> dict[str, tuple[JobState, list[tuple[int, str]]]]:
+        def watch_read(known: Mapping[str, int]) -> dict[str, tuple[JobState, Records]]:
             with db.session() as session:
                 return jobs.watch_read(session, known=known)
 

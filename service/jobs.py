@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from worker.search.spec import JobSpec
 
 from .models import TERMINAL, CheckpointRow, EpochRow, Job, utcnow
-from .streams import JobState
+from .streams import JobState, Records
 
 
 class NotFound(LookupError):
@@ -148,7 +148,7 @@ def delete_job(session: Session, *, owner: str, job_id: str) -> None:
     session.commit()
 
 
-def epoch_texts(session: Session, *, job_id: str, after: int, upto: int, limit: int) -> list[tuple[int, str]]:
+def epoch_texts(session: Session, *, job_id: str, after: int, upto: int, limit: int) -> Records:
     """(epoch, record as stored JSON text) for after < epoch <= upto, oldest first: no decoding, no re-encoding."""
     query = (
         select(EpochRow.epoch, cast(EpochRow.record, Text))
@@ -159,7 +159,7 @@ def epoch_texts(session: Session, *, job_id: str, after: int, upto: int, limit: 
     return [(int(epoch), str(text)) for epoch, text in session.execute(query)]
 
 
-def watch_read(session: Session, *, known: Mapping[str, int]) -> dict[str, tuple[JobState, list[tuple[int, str]]]]:
+def watch_read(session: Session, *, known: Mapping[str, int]) -> dict[str, tuple[JobState, Records]]:
     """For the stream watcher: each job's state, and its epochs (as JSON text) after `known[job]` up to the
     state's epoch; nothing for a job whose `known` is -1 (not read before). Two queries for all the jobs."""
     rows = session.execute(
@@ -167,7 +167,7 @@ def watch_read(session: Session, *, known: Mapping[str, int]) -> dict[str, tuple
     )
     states = {job_id: JobState(status, epoch, stop_reason, error) for job_id, status, epoch, stop_reason, error in rows}
     wanted = [(j, known[j], s.epoch) for j, s in states.items() if 0 <= known[j] < s.epoch]
-    found: dict[str, tuple[JobState, list[tuple[int, str]]]] = {j: (s, []) for j, s in states.items()}
+    found: dict[str, tuple[JobState, Records]] = {j: (s, []) for j, s in states.items()}
     if wanted:
         query = (
             select(EpochRow.job_id, EpochRow.epoch, cast(EpochRow.record, Text))
@@ -181,10 +181,14 @@ def watch_read(session: Session, *, known: Mapping[str, int]) -> dict[str, tuple
     return found
 
 
-def job_status(session: Session, *, job_id: str) -> Job | None:
-    """A fresh read of the job row (streams poll this), or None once it was deleted."""
-    session.expire_all()
-    return session.get(Job, job_id)
+def stream_read(session: Session, *, job_id: str, after: int, limit: int) -> tuple[JobState | None, Records]:
+    """A stream's own read: the job's state, then its epochs after `after` up to the job's own count (so a
+    terminal status read here comes with every epoch written before it); (None, []) once it is gone."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return None, []
+    state = JobState(job.status, job.epoch, job.stop_reason, job.error)
+    return state, epoch_texts(session, job_id=job_id, after=after, upto=job.epoch, limit=limit)
 
 
 def list_checkpoints(session: Session, *, job_id: str) -> Sequence[CheckpointRow]:

@@ -12,10 +12,19 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 
 import anyio
+from fastapi.sse import ServerSentEvent
+
+from .models import TERMINAL
+from .telemetry import OPEN_STREAMS
 
 log = logging.getLogger(__name__)
 
 KEEP = 64  # newest epochs kept per watched job; a stream further behind reads the database itself
+STREAM_PAGE = 500  # epochs a stream sends per database read of its own while it catches up
+STREAM_READS = anyio.CapacityLimiter(16)  # streams' own reads at once per process: the pool's rest serves requests
+
+
+Records = list[tuple[int, str]]  # (epoch, the epoch record as stored JSON text), oldest first
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,7 @@ class Snapshot:
     base: int
     records: tuple[tuple[int, str], ...]
 
-    def after(self, epoch: int, *, newer_than: float) -> list[tuple[int, str]] | None:
+    def after(self, epoch: int, *, newer_than: float) -> Records | None:
         """The records after `epoch`; None when this snapshot does not reach back that far, or may be older
         than what the caller read itself at `newer_than` (then it would go back in time)."""
         if self.state is None or epoch < self.base or self.read_at < newer_than:
@@ -46,7 +55,7 @@ class Snapshot:
 
 # Given {job id: newest epoch already read, or -1 for a job not read before}, the read returns each job's state
 # and its epochs after that one, up to the state's epoch (none for a job not read before).
-Read = Callable[[Mapping[str, int]], dict[str, tuple[JobState, list[tuple[int, str]]]]]
+Read = Callable[[Mapping[str, int]], dict[str, tuple[JobState, Records]]]
 
 
 class JobWatcher:
@@ -108,9 +117,7 @@ class JobWatcher:
         snap = self.snapshots.get(job_id)
         return -1 if snap is None or snap.state is None else snap.state.epoch
 
-    def _update(
-        self, known: Mapping[str, int], found: Mapping[str, tuple[JobState, list[tuple[int, str]]]], read_at: float
-    ) -> bool:
+    def _update(self, known: Mapping[str, int], found: Mapping[str, tuple[JobState, Records]], read_at: float) -> bool:
         bumped = False
         for job_id in known:
             if job_id not in self.watching:
@@ -134,3 +141,47 @@ class JobWatcher:
             self.task.cancel()
             with suppress(asyncio.CancelledError):
                 await self.task
+
+
+async def follow(
+    job_id: str,
+    after: int,
+    *,
+    watcher: JobWatcher,
+    read: Callable[[int], tuple[JobState | None, Records]],
+    keepalive: float,
+) -> AsyncIterator[ServerSentEvent]:
+    """A job's events from epoch `after` on: `epoch` (id = epoch, data = the stored record), `status` on each
+    change, a keep-alive comment after `keepalive` seconds of quiet; ends after a terminal status or when the
+    job is deleted. `read(after)` is the database read of a stream that is behind the watcher's window."""
+    sent, last_status = after, None
+    own_read_at = 0.0  # when this stream last read the database itself
+    OPEN_STREAMS.inc()
+    try:
+        async with watcher.watch(job_id):
+            while True:
+                snapshot = watcher.snapshot(job_id)
+                version = snapshot.version if snapshot else 0
+                cached = snapshot.after(sent, newer_than=own_read_at) if snapshot else None
+                if cached is not None and snapshot is not None:
+                    state, rows = snapshot.state, cached  # what the watcher read once for every stream of the job
+                else:  # behind the watcher's window, or ahead of its last read: read the database itself
+                    state, rows = await anyio.to_thread.run_sync(read, sent, limiter=STREAM_READS)
+                    own_read_at = time.monotonic()
+                if state is None:
+                    return  # deleted while streaming
+                for epoch, text in rows:
+                    yield ServerSentEvent(event="epoch", id=str(epoch), raw_data=text)
+                    sent = epoch
+                if state.status != last_status:
+                    data = {"status": state.status, "stop_reason": state.stop_reason, "error": state.error}
+                    yield ServerSentEvent(event="status", data=data | {"epoch": state.epoch})
+                    last_status = state.status
+                if len(rows) == STREAM_PAGE:
+                    continue  # more to catch up on before waiting
+                if state.status in TERMINAL:
+                    return
+                while not await watcher.wait(job_id, version, keepalive):
+                    yield ServerSentEvent(comment="keep-alive")
+    finally:
+        OPEN_STREAMS.dec()

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
@@ -19,16 +17,13 @@ from worker.search.spec import JobSpec, series_fit_errors
 
 from .. import datasets, jobs
 from ..deps import CeleryDep, DbDep, OwnerDep, SessionDep, SettingsDep, WatcherDep, require_content_type
-from ..models import TERMINAL, Job
+from ..models import Job
 from ..queue import enqueue_job
 from ..schemas import Architecture, CheckpointList, CheckpointRead, JobList, JobRead, MetricsPage, Status
-from ..streams import JobState
-from ..telemetry import OPEN_STREAMS
+from ..streams import STREAM_PAGE, JobState, Records, follow
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-STREAM_PAGE = 500  # epochs a stream sends per database read while it catches up
-STREAM_READS = anyio.CapacityLimiter(16)  # streams' reads at once per process: the rest of the pool serves requests
 MAX_EPOCH = 2**31 - 1  # epochs are a PostgreSQL INTEGER: a larger `after` would fail the query
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
@@ -171,11 +166,6 @@ def _resume_point(
     return int(value)
 
 
-def _status_event(state: JobState) -> ServerSentEvent:
-    data = {"status": state.status, "stop_reason": state.stop_reason, "error": state.error, "epoch": state.epoch}
-    return ServerSentEvent(event="status", data=data)
-
-
 @router.get(
     "/{job_id}/metrics/stream",
     response_class=EventSourceResponse,
@@ -189,50 +179,15 @@ async def stream_metrics(
     resume_after: Annotated[int, Depends(_resume_point)],
 ) -> AsyncIterator[ServerSentEvent]:
     # `job` and `resume_after` are resolved before the stream starts: a missing job is a plain 404.
-    sent, job_id = resume_after, job.id
+    job_id = job.id
 
-    def read(after_epoch: int) -> tuple[JobState | None, list[tuple[int, str]]]:
-        # The job first, then its epochs up to the job's own count: a terminal status read here comes with
-        # every epoch written before it.
+    def read(after: int) -> tuple[JobState | None, Records]:
         with db.session() as session:
-            current = jobs.job_status(session, job_id=job_id)
-            if current is None:
-                return None, []
-            state = JobState(current.status, current.epoch, current.stop_reason, current.error)
-            return state, jobs.epoch_texts(
-                session, job_id=job_id, after=after_epoch, upto=current.epoch, limit=STREAM_PAGE
-            )
+            return jobs.stream_read(session, job_id=job_id, after=after, limit=STREAM_PAGE)
 
-    last_status: str | None = None
-    own_read_at = 0.0  # when this stream last read the database itself
-    OPEN_STREAMS.inc()
-    try:
-        async with watcher.watch(job_id):
-            while True:
-                snapshot = watcher.snapshot(job_id)
-                version = snapshot.version if snapshot else 0
-                cached = snapshot.after(sent, newer_than=own_read_at) if snapshot else None
-                if cached is not None and snapshot is not None:
-                    state, rows = snapshot.state, cached  # what the watcher read once for every stream of the job
-                else:  # behind the watcher's window, or ahead of its last read: read the database itself
-                    state, rows = await anyio.to_thread.run_sync(read, sent, limiter=STREAM_READS)
-                    own_read_at = time.monotonic()
-                if state is None:
-                    return  # deleted while streaming
-                for epoch, text in rows:
-                    yield ServerSentEvent(event="epoch", id=str(epoch), raw_data=text)
-                    sent = epoch
-                if state.status != last_status:
-                    yield _status_event(state)
-                    last_status = state.status
-                if len(rows) == STREAM_PAGE:
-                    continue  # more to catch up on before waiting
-                if state.status in TERMINAL:
-                    return
-                while not await watcher.wait(job_id, version, settings.stream_keepalive_seconds):
-                    yield ServerSentEvent(comment="keep-alive")
-    finally:
-        OPEN_STREAMS.dec()
+    events = follow(job_id, resume_after, watcher=watcher, read=read, keepalive=settings.stream_keepalive_seconds)
+    async for event in events:
+        yield event
 
 
 @router.get(
