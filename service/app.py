@@ -13,6 +13,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from . import jobs
 from .db import Database, prepare
@@ -71,12 +72,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def conflict(_: Request, exc: jobs.Conflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
 
-    @app.exception_handler(OperationalError)
-    async def database_down(_: Request, exc: OperationalError) -> JSONResponse:
-        log.warning("database unavailable: %s", exc.orig)
+    async def database_unavailable(_: Request, exc: Exception) -> JSONResponse:
+        # Unreachable (OperationalError) or every pooled connection busy (TimeoutError): try again, not a 500.
+        log.warning("database unavailable: %s", exc)
         return JSONResponse(
             {"detail": "the database is unavailable; try again shortly"}, status_code=503, headers={"Retry-After": "5"}
         )
+
+    app.add_exception_handler(OperationalError, database_unavailable)
+    app.add_exception_handler(PoolTimeout, database_unavailable)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -59,3 +59,19 @@ def test_openapi_documents_every_route_of_the_contract(client: TestClient) -> No
     ]:
         assert path in paths, path
     assert "Idempotency-Key" in str(paths["/jobs"]["post"]["parameters"])
+
+
+def test_an_unreachable_database_is_a_503_with_retry_after_not_a_500(client: TestClient) -> None:
+    app = client.app
+    real = app.state.db  # type: ignore[attr-defined]
+    app.state.db = Database("postgresql+psycopg://postgres@127.0.0.1:9/nowhere?connect_timeout=2")  # type: ignore[attr-defined]
+    try:
+        for method, path in [("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/x/metrics")]:
+            r = client.request(method, path, json=job_spec() if method == "POST" else None)
+            assert r.status_code == 503, (method, path, r.text)
+            assert r.headers["retry-after"] == "5" and "database is unavailable" in r.json()["detail"]
+        assert client.get("/readyz").json()["database"].startswith("unreachable")
+    finally:
+        app.state.db.dispose()  # type: ignore[attr-defined]
+        app.state.db = real  # type: ignore[attr-defined]
+    assert client.get("/jobs").status_code == 200  # and back once it is there again
