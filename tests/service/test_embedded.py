@@ -12,7 +12,7 @@ import httpx
 
 from ..conftest import shared_data_dir
 from .factories import job_spec
-from .processes import free_port, service_env, spawn, wait_for, wait_until_up
+from .processes import free_port, service_env, spawn, wait_until_up
 
 
 def test_make_up_runs_a_job_on_sqlite_and_the_sql_broker_then_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
@@ -28,12 +28,13 @@ def test_make_up_runs_a_job_on_sqlite_and_the_sql_broker_then_stops_cleanly_on_c
             assert http.get("/readyz").json() == {"status": "ready", "database": "ok", "broker": "ok"}
             spec = job_spec(scheduler={"type": "ExponentialLR", "gamma": 0.5})
             job_id = http.post("/jobs", json=spec).json()["id"]
+            lines: list[str] = []  # the job's event stream, followed live until it ends
+            with http.stream("GET", f"/jobs/{job_id}/metrics/stream", timeout=120) as r:
+                lines += [line for line in r.iter_lines() if line.startswith(("id:", "event: status"))]
+            assert [line for line in lines if line.startswith("id:")] == ["id: 1", "id: 2", "id: 3"]
+            assert lines[-1] == "event: status"
 
-            def done() -> dict[str, object] | None:
-                job = http.get(f"/jobs/{job_id}").json()
-                return job if job["status"] in ("succeeded", "failed", "cancelled") else None
-
-            job = wait_for(done, timeout=120, what="the embedded job", every=0.2)
+            job = http.get(f"/jobs/{job_id}").json()
             assert job["status"] == "succeeded", job["error"]
             lrs = [r["lr"] for r in http.get(f"/jobs/{job_id}/metrics").json()["items"]]
             assert lrs == [0.01, 0.005, 0.0025]
