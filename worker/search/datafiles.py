@@ -54,7 +54,10 @@ def parse_series_csv(text: str, *, name: str) -> Series:
         raise DataError(f"{name}: no column holds only numbers")
     if len(keep) > MAX_COLUMNS:
         raise DataError(f"{name}: {len(keep)} numeric columns; at most {MAX_COLUMNS} are supported")
-    values = np.array([[float(r[c]) for c in keep] for r in body], dtype=np.float32)
+    values = np.array([[float(r[c]) for c in keep] for r in body], dtype=np.float64)
     if not np.isfinite(values).all():
         raise DataError(f"{name}: values must be finite numbers (no NaN or inf)")
-    return Series(values=values, columns=[header[c] for c in keep])
+    largest = float(np.finfo(np.float32).max)
+    if np.abs(values).max() > largest:
+        raise DataError(f"{name}: values must lie within ±{largest:.3g} (the search computes in float32)")
+    return Series(values=values.astype(np.float32), columns=[header[c] for c in keep])
