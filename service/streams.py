@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 KEEP = 64  # newest epochs kept per watched job; a stream further behind reads the database itself
 STREAM_PAGE = 500  # epochs a stream sends per database read of its own while it catches up
-STREAM_READS = anyio.CapacityLimiter(16)  # streams' own reads at once per process: the pool's rest serves requests
+OWN_READS = 16  # streams' own database reads at once per process: the rest of the pool serves requests
 
 
 Records = list[tuple[int, str]]  # (epoch, the epoch record as stored JSON text), oldest first
@@ -69,6 +69,7 @@ class JobWatcher:
         self.snapshots: dict[str, Snapshot] = {}
         self.changed = asyncio.Condition()
         self.task: asyncio.Task[None] | None = None
+        self.own_reads = anyio.CapacityLimiter(OWN_READS)  # made in the app's event loop, like the rest
 
     @asynccontextmanager
     async def watch(self, job_id: str) -> AsyncIterator[None]:
@@ -166,7 +167,7 @@ async def follow(
                 if cached is not None and snapshot is not None:
                     state, rows = snapshot.state, cached  # what the watcher read once for every stream of the job
                 else:  # behind the watcher's window, or ahead of its last read: read the database itself
-                    state, rows = await anyio.to_thread.run_sync(read, sent, limiter=STREAM_READS)
+                    state, rows = await anyio.to_thread.run_sync(read, sent, limiter=watcher.own_reads)
                     own_read_at = time.monotonic()
                 if state is None:
                     return  # deleted while streaming
