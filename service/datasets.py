@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.search.datafiles import DataError, parse_series_csv
-from worker.search.spec import BUILTIN_DATASETS
+from worker.search.spec import BUILTIN_DATASETS, JobSpec, series_fit_errors
 
 from .jobs import NotFound
 from .models import Dataset, utcnow
@@ -44,7 +44,34 @@ def get_upload(session: Session, *, owner: str, dataset_id: str) -> Dataset:
     return found
 
 
-def _decode(payload: bytes, name: str) -> str:
+def reference_errors(session: Session, *, owner: str, spec: JobSpec) -> list[tuple[tuple[str, ...], str, Any]]:
+    """(loc, msg, input) for what the API cannot run of a spec's `dataset`: a local path, an id that is not one
+    of the caller's uploads or is of the other task, a forecast window that does not fit the upload's rows."""
+    ref = spec.dataset
+    if ref.path is not None:
+        msg = "a path is for the command line only; upload the file with POST /datasets and pass its id"
+        return [(("dataset", "path"), msg, ref.path)]
+    if ref.id is None:
+        return []
+    try:
+        found = get_upload(session, owner=owner, dataset_id=ref.id)
+    except NotFound:
+        return [(("dataset", "id"), "no uploaded dataset has this id", ref.id)]
+    if found.task != spec.task:
+        return [
+            (("dataset", "id"), f"dataset {found.id} was uploaded for task {found.task!r}, not {spec.task!r}", ref.id)
+        ]
+    window, horizon = spec.model.window, spec.model.horizon
+    if window is None or horizon is None:
+        return []
+    return list(
+        series_fit_errors(int(found.summary["rows"]), f"dataset {found.name!r}", window=window, horizon=horizon)
+    )
+
+
+def _decode(payload: bytes, name: str, *, kind: str) -> str:
+    if b"\x00" in payload:  # not text (and a NUL could not be stored in the database's JSON or text)
+        raise DataError(f"{name}: holds NUL bytes; {kind}")
     try:
         return payload.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -52,9 +79,7 @@ def _decode(payload: bytes, name: str) -> str:
 
 
 def check_series(payload: bytes, name: str) -> dict[str, Any]:
-    if b"\x00" in payload:  # not CSV text; a NUL in a column name would also fail the database's JSON
-        raise DataError(f"{name}: holds NUL bytes; a forecast dataset is CSV text")
-    series = parse_series_csv(_decode(payload, name), name=name)
+    series = parse_series_csv(_decode(payload, name, kind="a forecast dataset is CSV text"), name=name)
     rows = len(series.values)
     if rows < 20:
         raise DataError(f"{name}: {rows} data rows; a forecast search needs at least 20")
@@ -63,9 +88,8 @@ def check_series(payload: bytes, name: str) -> dict[str, Any]:
 
 def split_corpus(payload: bytes, name: str) -> tuple[list[str], list[str], dict[str, Any]]:
     """Lines of a plain-text corpus; the last tenth (at least one line) becomes the validation split."""
-    if b"\x00" in payload:
-        raise DataError(f"{name}: holds NUL bytes; a language_model dataset is plain text")
-    lines = [line for line in _decode(payload, name).splitlines() if line.strip()]
+    text = _decode(payload, name, kind="a language_model dataset is plain text")
+    lines = [line for line in text.splitlines() if line.strip()]
     tokens = sum(len(line.split()) for line in lines)
     if len(lines) < MIN_CORPUS_LINES or tokens < MIN_CORPUS_TOKENS:
         raise DataError(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from sqlalchemy.orm import Session
+
+from worker.search.spec import printable
 
 from .auth import current_owner
 from .db import Database
@@ -58,3 +61,21 @@ def require_content_type(*accepted: str):  # type: ignore[no-untyped-def]
             raise HTTPException(415, f"Content-Type must be {' or '.join(accepted)} (got {shown})")
 
     return check
+
+
+Problem = tuple[tuple[str | int, ...], str, Any]  # (loc, msg, the input) of one invalid part of a request
+
+
+def invalid(*problems: Problem) -> RequestValidationError:
+    """A 422 in FastAPI's own shape for problems found after FastAPI's validation."""
+    return RequestValidationError(
+        [{"type": "value_error", "loc": loc, "msg": msg, "input": v} for loc, msg, v in problems]
+    )
+
+
+def require_printable(value: str | None, loc: tuple[str | int, ...]) -> None:
+    """422 unless `value` is printable text: the spec's rule for names, applied to headers and form fields."""
+    try:
+        printable(value)
+    except ValueError as exc:
+        raise invalid((loc, str(exc), value)) from None

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Response, UploadFile
-from fastapi.exceptions import RequestValidationError
 
 from worker.search.datafiles import DataError
 
 from .. import datasets
-from ..deps import OwnerDep, SessionDep, SettingsDep, require_content_type
+from ..deps import OwnerDep, SessionDep, SettingsDep, invalid, require_content_type, require_printable
 from ..models import Dataset
 from ..schemas import DatasetList, DatasetRead
 
@@ -38,9 +37,7 @@ def upload_dataset(
     settings: SettingsDep,
     name: Annotated[str | None, Form(min_length=1, max_length=200)] = None,
 ) -> Dataset:
-    if name is not None and "\x00" in name:  # PostgreSQL text cannot hold NUL
-        msg = "must not contain NUL characters (\\u0000)"
-        raise RequestValidationError([{"type": "value_error", "loc": ("body", "name"), "msg": msg, "input": name}])
+    require_printable(name, ("body", "name"))
     label = name or (file.filename or "").replace("\x00", "")[:200] or "upload"  # the name column holds 200
     # The body cap leaves room for the multipart envelope, so the file itself may still be too large.
     payload = file.file.read(settings.max_upload_bytes + 1)
@@ -51,9 +48,7 @@ def upload_dataset(
             session, owner=owner, task=task, name=label, payload=payload, uploads_dir=settings.uploads_dir
         )
     except DataError as exc:
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("body", "file"), "msg": str(exc), "input": label}]
-        ) from None
+        raise invalid((("body", "file"), str(exc), label)) from None
     response.headers["Location"] = f"/datasets/{row.id}"
     return row
 

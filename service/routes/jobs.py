@@ -9,14 +9,23 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from worker.search.spec import JobSpec, series_fit_errors
+from worker.search.spec import JobSpec
 
 from .. import datasets, jobs
-from ..deps import CeleryDep, DbDep, OwnerDep, SessionDep, SettingsDep, WatcherDep, require_content_type
+from ..deps import (
+    CeleryDep,
+    DbDep,
+    OwnerDep,
+    SessionDep,
+    SettingsDep,
+    WatcherDep,
+    invalid,
+    require_content_type,
+    require_printable,
+)
 from ..models import Job
 from ..queue import enqueue_job
 from ..schemas import Architecture, CheckpointList, CheckpointRead, JobList, JobRead, MetricsPage, Status
@@ -27,10 +36,6 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 MAX_EPOCH = 2**31 - 1  # epochs are a PostgreSQL INTEGER: a larger `after` would fail the query
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1, max_length=200)]
-
-
-def _invalid(loc: tuple[str | int, ...], msg: str, value: Any) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg, "input": value}])
 
 
 @router.post(
@@ -48,30 +53,10 @@ def create_job(
     celery: CeleryDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Job:
-    if idempotency_key is not None and not idempotency_key.isprintable():
-        msg = "must be printable text: no NUL, newline or other control characters"
-        raise _invalid(("header", "Idempotency-Key"), msg, idempotency_key)
-    if spec.dataset.path is not None:
-        raise _invalid(
-            ("body", "dataset", "path"),
-            "a path is for the command line only; upload the file with POST /datasets and pass its id",
-            spec.dataset.path,
-        )
-    if spec.dataset.id is not None:
-        try:
-            found = datasets.get_upload(session, owner=owner, dataset_id=spec.dataset.id)
-        except jobs.NotFound:
-            raise _invalid(("body", "dataset", "id"), "no uploaded dataset has this id", spec.dataset.id) from None
-        if found.task != spec.task:
-            msg = f"dataset {found.id} was uploaded for task {found.task!r}, not {spec.task!r}"
-            raise _invalid(("body", "dataset", "id"), msg, spec.dataset.id)
-        window, horizon = spec.model.window, spec.model.horizon
-        if window is not None and horizon is not None:
-            rows = int(found.summary["rows"])
-            errors = series_fit_errors(rows, f"dataset {found.name!r}", window=window, horizon=horizon)
-            bad = [{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": v} for loc, msg, v in errors]
-            if bad:
-                raise RequestValidationError(bad)
+    require_printable(idempotency_key, ("header", "Idempotency-Key"))
+    problems = datasets.reference_errors(session, owner=owner, spec=spec)
+    if problems:
+        raise invalid(*((("body", *loc), msg, value) for loc, msg, value in problems))
     digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()
     job, created = jobs.create_job(
         session, owner=owner, spec=spec, idempotency_key=idempotency_key, request_hash=digest
@@ -95,7 +80,7 @@ def list_jobs(
     try:
         items, next_cursor = jobs.list_jobs(session, owner=owner, status=status, limit=limit, cursor=cursor)
     except jobs.BadCursor as exc:
-        raise _invalid(("query", "cursor"), str(exc), cursor) from None
+        raise invalid((("query", "cursor"), str(exc), cursor)) from None
     return {"items": items, "next_cursor": next_cursor}
 
 
@@ -162,7 +147,7 @@ def _resume_point(
         return after or 0
     value = last_event_id.strip()
     if not (value.isascii() and value.isdigit()) or int(value) > MAX_EPOCH:
-        raise _invalid(("header", "Last-Event-ID"), "Last-Event-ID must be the epoch number of an event", value)
+        raise invalid((("header", "Last-Event-ID"), "Last-Event-ID must be the epoch number of an event", value))
     return int(value)
 
 

@@ -146,7 +146,8 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-def _printable(value: str | None) -> str | None:
+def printable(value: str | None) -> str | None:
+    """The rule for free text a user names things with (also used by the service for headers and form fields)."""
     if value is not None and not value.isprintable():
         raise ValueError("must be printable text: no NUL, newline or other control characters")
     return value
@@ -165,7 +166,7 @@ class DatasetRef(Strict):
     id: str | None = Field(default=None, min_length=1, max_length=100)
     path: str | None = Field(default=None, min_length=1, max_length=4096)
 
-    _printable_id = field_validator("id")(_printable)
+    _printable_id = field_validator("id")(printable)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DatasetRef:
@@ -423,7 +424,7 @@ class JobSpec(Strict):
     early_stopping: EarlyStoppingSpec | None = EarlyStoppingSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
 
-    _printable_name = field_validator("name")(_printable)
+    _printable_name = field_validator("name")(printable)
 
     @model_validator(mode="before")
     @classmethod
