@@ -12,7 +12,7 @@ Phases, each printed as a Markdown table (paste it into docs/benchmarks.md):
 2. `GET /jobs/{id}/metrics` on a finished job with 50 epoch rows: plain GETs, and GETs that send the ETag back
    in `If-None-Match` (the 304 path), at the same client levels.
 3. `GET /jobs/{id}/metrics/stream`: K = 20, 50, 200, 500 streams over K/10 running jobs while a writer commits
-   one epoch per job every 0.5 s (through `service.jobs.record_epoch`, as the worker does) and then marks the
+   one epoch per job every 0.5 s (through `service.leases.record_epoch`, as the worker does) and then marks the
    jobs succeeded. A stream "held" if it got every epoch exactly once, in order, and the terminal status, and
    ended. Delivery latency is from the epoch row's commit to the event's arrival here. K escalates until a
    level loses something or its p99 latency exceeds --max-p99. Streams do not poll: one watcher in the API
@@ -78,7 +78,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python bench/api_load.py` puts bench/, not the repository, on the path
     sys.path.insert(0, str(REPO))
 
-from service import jobs as job_queries  # noqa: E402
+from service import leases  # noqa: E402
 from service.db import Database, upgrade_to_head  # noqa: E402
 from service.models import EpochRow, Job, utcnow  # noqa: E402
 from service.settings import Settings  # noqa: E402
@@ -538,14 +538,14 @@ def write_epochs(db: Database, job_ids: list[str], epochs: int, commits: dict[tu
         time.sleep(max(0.0, start + offset - time.monotonic()))
         record = epoch_record(epoch, rngs[job_id])
         with db.session() as session:
-            job_queries.record_epoch(
-                session, job_id=job_id, record=record, architecture=architecture(record, final=False)
+            leases.record_epoch(
+                session, job_id=job_id, attempt=1, record=record, architecture=architecture(record, final=False)
             )
         commits[(job_id, epoch)] = time.monotonic()
     time.sleep(max(0.0, start + (epochs + 1) * EPOCH_INTERVAL - time.monotonic()))
     for job_id in job_ids:
         with db.session() as session:
-            job_queries.finish_job(session, job_id=job_id, status="succeeded", stop_reason="completed")
+            leases.finish(session, job_id=job_id, attempt=1, status="succeeded", stop_reason="completed")
     return 2 * (len(commits) + len(job_ids))
 
 

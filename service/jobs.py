@@ -7,7 +7,6 @@ import binascii
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Text, and_, cast, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -15,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from worker.search.spec import JobSpec
 
-from .models import TERMINAL, CheckpointRow, EpochRow, Job, utcnow
+from .models import TERMINAL, Attempt, CheckpointRow, EpochRow, Job, utcnow
 from .streams import JobState, Records
 
 
@@ -55,6 +54,7 @@ def create_job(
         epoch=0,
         attempt=0,
         cancel_requested=False,
+        enqueued_at=utcnow(),  # sent right after the commit; set back to NULL if that fails
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         created_at=utcnow(),
@@ -196,6 +196,10 @@ def list_checkpoints(session: Session, *, job_id: str) -> Sequence[CheckpointRow
     return session.scalars(query.order_by(CheckpointRow.epoch, CheckpointRow.kind)).all()
 
 
+def list_attempts(session: Session, *, job_id: str) -> Sequence[Attempt]:
+    return session.scalars(select(Attempt).where(Attempt.job_id == job_id).order_by(Attempt.attempt)).all()
+
+
 def get_checkpoint(session: Session, *, job_id: str, name: str) -> CheckpointRow:
     row = None if "\x00" in name else session.get(CheckpointRow, (job_id, name))
     if row is None:
@@ -206,70 +210,3 @@ def get_checkpoint(session: Session, *, job_id: str, name: str) -> CheckpointRow
 def count_by_status(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
     return {status: int(n) for status, n in rows}
-
-
-# The worker's side: claim, report, finish.
-
-
-def claim_job(session: Session, *, job_id: str) -> Job | None:
-    """Move a queued job to running (attempt + 1); None if it is not queued (cancelled, taken, gone)."""
-    done = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
-        .values(status="running", started_at=utcnow(), attempt=Job.attempt + 1)
-    )
-    session.commit()
-    if done.rowcount == 0:  # type: ignore[attr-defined]
-        return None
-    return session.get(Job, job_id)
-
-
-def is_cancel_requested(session: Session, *, job_id: str) -> bool:
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
-def record_epoch(session: Session, *, job_id: str, record: dict[str, Any], architecture: dict[str, Any]) -> None:
-    """The epoch's row and the job's summary of it, in one transaction."""
-    session.add(EpochRow(job_id=job_id, epoch=record["epoch"], record=record, created_at=utcnow()))
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(
-            epoch=record["epoch"],
-            best_val_loss=record["best_val_loss"],
-            lr=record["lr"],
-            architecture=architecture,
-        )
-    )
-    session.commit()
-
-
-def sync_checkpoints(session: Session, *, job_id: str, items: Sequence[dict[str, Any]]) -> None:
-    """Make the job's checkpoint rows equal the engine's manifest (new and rewritten files in, pruned out)."""
-    names = [i["name"] for i in items]
-    session.execute(delete(CheckpointRow).where(CheckpointRow.job_id == job_id, CheckpointRow.name.not_in(names)))
-    existing = {row.name: row for row in list_checkpoints(session, job_id=job_id)}
-    for item in items:
-        row = existing.get(item["name"])
-        if row is None:
-            session.add(CheckpointRow(job_id=job_id, created_at=utcnow(), **item))
-        elif row.sha256 != item["sha256"]:
-            row.epoch, row.kind, row.bytes, row.sha256 = item["epoch"], item["kind"], item["bytes"], item["sha256"]
-            row.created_at = utcnow()
-    session.commit()
-
-
-def finish_job(
-    session: Session,
-    *,
-    job_id: str,
-    status: str,
-    stop_reason: str | None = None,
-    error: str | None = None,
-    architecture: dict[str, Any] | None = None,
-) -> None:
-    values: dict[str, Any] = {"status": status, "stop_reason": stop_reason, "error": error, "finished_at": utcnow()}
-    if architecture is not None:
-        values["architecture"] = architecture
-    session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(**values))
-    session.commit()

@@ -67,6 +67,7 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_owner_created", "owner", "created_at", "id"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -81,7 +82,14 @@ class Job(Base):
     best_val_loss: Mapped[float | None] = mapped_column(Float)
     lr: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # the current (or last) lease's number, from 1
+    # The lease: which worker runs the job and until when; renewed by its heartbeat, NULL unless running.
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # last message sent; NULL: sending failed
+    # Finished epochs run again because a resume started from an older checkpoint.
+    epochs_redone: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     architecture: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
@@ -100,9 +108,27 @@ class EpochRow(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     epoch: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int | None] = mapped_column(Integer)  # the lease that wrote it
     # Plain JSON, not JSONB: the text is kept as written, so pages and streams send it without re-encoding.
     record: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Attempt(Base):
+    """One lease of a job: who ran it, from when to when, how it ended, and where it resumed."""
+
+    __tablename__ = "attempts"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str] = mapped_column(String(200))
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # for a lost lease: when it expired
+    # succeeded, failed, cancelled; released (graceful shutdown); lost (the lease expired); NULL while it runs
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    resumed_from_epoch: Mapped[int | None] = mapped_column(Integer)  # the checkpoint's epoch; 0 from scratch
+    epochs_redone: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class CheckpointRow(Base):

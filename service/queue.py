@@ -26,23 +26,28 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a worker waits out a broker restart, however long
         broker_connection_timeout=settings.enqueue_timeout_seconds,
         worker_hijack_root_logger=False,
         enable_utc=True,
     )
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Redis delivers an unacknowledged message again after this; the lease makes that harmless.
+        app.conf.broker_transport_options = {"visibility_timeout": settings.visibility_timeout_seconds}
     return app
 
 
 def enqueue_job(app: Celery, job_id: str) -> bool:
-    """Send "job X has work" after its row is committed; False (logged) when the broker cannot take it."""
+    """Send "job X has work" after its row is committed, retrying with backoff for about two seconds; False
+    (logged) when the broker cannot take it: the job stays queued and the workers' reaper sends it later."""
     try:
         app.send_task(
             RUN_JOB,
             args=[job_id],
             retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
+            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
         )
     except Exception:
-        log.exception("could not enqueue job %s; it stays queued in the database", job_id)
+        log.warning("could not enqueue job %s; it stays queued and the reaper will send it", job_id, exc_info=True)
         return False
     return True

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -26,11 +26,32 @@ class JobRead(Read):
     best_val_loss: float | None
     lr: float | None
     error: str | None
-    attempt: int
+    attempt: int = Field(description="how many times a worker has taken the job (from 1 once it has started)")
+    epochs_redone: int = Field(description="finished epochs run again because a resume started before them")
+    lease_owner: str | None = Field(description="the worker running the job (host/pid), while it runs")
+    lease_expires_at: datetime | None = Field(description="when the job goes back to the queue if its worker stops")
+    heartbeat_at: datetime | None = Field(description="when its worker last renewed the lease")
     cancel_requested: bool
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+
+
+class AttemptRead(Read):
+    attempt: int
+    worker: str
+    claimed_at: datetime
+    ended_at: datetime | None
+    outcome: str | None = Field(
+        description="succeeded, failed, cancelled; released (worker shutdown); lost (lease expired); null: running"
+    )
+    resumed_from_epoch: int | None = Field(description="the checkpoint's epoch it continued from; 0: from scratch")
+    epochs_redone: int
+    error: str | None
+
+
+class AttemptList(BaseModel):
+    items: list[AttemptRead]
 
 
 class JobList(BaseModel):

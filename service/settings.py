@@ -37,6 +37,28 @@ class Settings(BaseSettings):
     cancel_poll_seconds: float = Field(default=0.5, ge=0, description="how often a running job reads its cancel flag")
     enqueue_timeout_seconds: float = Field(default=5.0, gt=0, description="give up sending to the broker after this")
 
+    # Leases: the database owns a running job; its worker renews the lease, the reaper takes back expired ones.
+    lease_seconds: float = Field(default=60.0, gt=0, description="a running job's lease; renewed by its heartbeat")
+    heartbeat_seconds: float = Field(default=10.0, gt=0, description="how often a worker renews its job's lease")
+    reaper_seconds: float = Field(
+        default=15.0, gt=0, description="how often each worker looks for expired leases and unsent jobs"
+    )
+    requeue_after_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="a queued job whose message was sent this long ago is sent again (a broker may lose messages)",
+    )
+    max_attempts: int = Field(default=3, gt=0, description="a job whose worker is lost this many times ends as failed")
+    db_retry_seconds: float = Field(
+        default=60.0, ge=0, description="how long a worker retries a database write before it gives up its job"
+    )
+    io_retry_seconds: float = Field(
+        default=30.0, ge=0, description="how long a worker retries a failed checkpoint write (full disk, I/O error)"
+    )
+    visibility_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="Redis: an unacknowledged message is delivered again after this"
+    )
+
     @property
     def jobs_dir(self) -> Path:
         return self.artifacts_dir / "jobs"

@@ -1,13 +1,17 @@
-"""The one task: take a job id, run the job (see `worker.runner`)."""
+"""The one task: take a job id, run the job under a lease (see `worker.runner`)."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from service.queue import RUN_JOB
 
-from .app import app, database, settings
+from .app import app, database, send, settings, shutting_down
 from .runner import execute_job
 
 
-@app.task(name=RUN_JOB)
-def run_job(job_id: str) -> str:
-    return execute_job(job_id, db=database(), settings=settings)
+@app.task(name=RUN_JOB, bind=True)
+def run_job(self: Any, job_id: str) -> str:
+    worker = f"{self.request.hostname or 'worker'}/{os.getpid()}"
+    return execute_job(job_id, db=database(), settings=settings, worker=worker, shutting_down=shutting_down, send=send)

@@ -14,7 +14,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from worker.search.spec import JobSpec
 
-from .. import datasets, jobs
+from .. import datasets, jobs, leases
 from ..deps import (
     CeleryDep,
     DbDep,
@@ -28,7 +28,17 @@ from ..deps import (
 )
 from ..models import Job
 from ..queue import enqueue_job
-from ..schemas import Architecture, CheckpointList, CheckpointRead, JobList, JobRead, MetricsPage, Status
+from ..schemas import (
+    Architecture,
+    AttemptList,
+    AttemptRead,
+    CheckpointList,
+    CheckpointRead,
+    JobList,
+    JobRead,
+    MetricsPage,
+    Status,
+)
 from ..streams import STREAM_PAGE, JobState, Records, follow
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -61,8 +71,8 @@ def create_job(
     job, created = jobs.create_job(
         session, owner=owner, spec=spec, idempotency_key=idempotency_key, request_hash=digest
     )
-    if created:
-        enqueue_job(celery, job.id)
+    if created and not enqueue_job(celery, job.id):
+        leases.mark_unsent(session, job_id=job.id)  # stored all the same: the workers' reaper sends it
     else:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/jobs/{job.id}"
@@ -186,6 +196,12 @@ def get_architecture(job_id: str, session: SessionDep, owner: OwnerDep) -> dict[
     if job.architecture is None:
         raise jobs.NotFound(f"job {job_id} has no architecture yet: it is {job.status} and no epoch has finished")
     return job.architecture
+
+
+@router.get("/{job_id}/attempts", response_model=AttemptList, summary="Each time a worker took the job, oldest first")
+def list_attempts(job_id: str, session: SessionDep, owner: OwnerDep) -> dict[str, Any]:
+    jobs.get_job(session, owner=owner, job_id=job_id)
+    return {"items": [AttemptRead.model_validate(r) for r in jobs.list_attempts(session, job_id=job_id)]}
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)

@@ -9,7 +9,6 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from service import jobs
 from service.db import Database
 from service.models import CheckpointRow, Dataset, EpochRow, Job, utcnow
 from worker.search.spec import PRIMITIVES, JobSpec, tiny_dict
@@ -68,13 +67,16 @@ def add_job(db: Database, *, status: str = "queued", owner: str = "default", epo
 
 
 def add_epochs(db: Database, job_id: str, epochs: range) -> None:
-    """Epoch records written the way the worker writes them (the row and the job's summary together)."""
+    """Epoch records as the worker leaves them: the rows, and the job's summary of the last one."""
     with db.session() as session:
+        job = session.get_one(Job, job_id)
         for epoch in epochs:
             record = epoch_record(epoch)
             arch = {"genotype": record["genotype"], "alpha": record["alpha"], "primitives": list(PRIMITIVES)}
             arch |= {"epoch": epoch, "final": False}
-            jobs.record_epoch(session, job_id=job_id, record=record, architecture=arch)
+            session.add(EpochRow(job_id=job_id, epoch=epoch, attempt=job.attempt, record=record, created_at=utcnow()))
+            job.epoch, job.best_val_loss, job.lr, job.architecture = epoch, record["best_val_loss"], record["lr"], arch
+        session.commit()
 
 
 def add_checkpoint(db: Database, jobs_dir: Path, job_id: str, name: str, payload: bytes, *, epoch: int = 1) -> str:

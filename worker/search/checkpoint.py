@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +22,12 @@ import torch
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, I/O error); the checkpoints before it are intact."""
 
 
 @dataclass(frozen=True)
@@ -68,11 +76,17 @@ class CheckpointStore:
     """One search's checkpoint folder: saves, prunes to `keep_last`, and finds the newest good one."""
 
     def __init__(
-        self, folder: Path, *, keep_last: int, on_change: Callable[[list[CheckpointInfo]], None] | None = None
+        self,
+        folder: Path,
+        *,
+        keep_last: int,
+        on_change: Callable[[list[CheckpointInfo]], None] | None = None,
+        retry_seconds: float = 0.0,
     ) -> None:
         self.folder = folder
         self.keep_last = keep_last
         self.on_change = on_change
+        self.retry_seconds = retry_seconds  # a failed write is tried again (with backoff) for this long
         folder.mkdir(parents=True, exist_ok=True)
 
     def items(self) -> list[CheckpointInfo]:
@@ -89,18 +103,38 @@ class CheckpointStore:
         torch.save(state, buffer)
         payload = buffer.getvalue()
         name = "best.pt" if kind == "best" else f"epoch-{epoch:04d}.pt"
-        write_atomic(self.folder / name, payload)
         info = CheckpointInfo(name, epoch, kind, len(payload), hashlib.sha256(payload).hexdigest())
         items = [i for i in self.items() if i.name != name] + [info]
         epochs = sorted((i for i in items if i.kind == "epoch"), key=lambda i: i.epoch)
         stale = {i.name for i in epochs[: max(0, len(epochs) - self.keep_last)]}
         items = sorted((i for i in items if i.name not in stale), key=lambda i: (i.epoch, i.kind))
-        self._write_manifest(items)
+        # The file, then the manifest that lists it: a failure in either leaves the old manifest (and every
+        # file it lists) as it was. Stale files go only after both are written.
+        self._write(name, lambda: write_atomic(self.folder / name, payload))
+        self._write(name, lambda: self._write_manifest(items))
         for old in stale:
             (self.folder / old).unlink(missing_ok=True)
         if self.on_change is not None:
             self.on_change(items)
         return info
+
+    def _write(self, name: str, write: Callable[[], None]) -> None:
+        deadline = time.monotonic() + self.retry_seconds
+        pause = 0.5
+        while True:
+            try:
+                write()
+                return
+            except OSError as exc:
+                if time.monotonic() + pause > deadline:
+                    raise CheckpointWriteError(
+                        exc.errno,
+                        f"could not write checkpoint {name} in {self.folder.name}/: {exc.strerror or exc}; "
+                        "the checkpoints written before it are intact",
+                    ) from exc
+                log.warning("checkpoint %s: %s; retrying in %.1f s", name, exc, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     def _write_manifest(self, items: list[CheckpointInfo]) -> None:
         text = json.dumps({"items": [asdict(i) for i in items]}, indent=1)

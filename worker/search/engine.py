@@ -222,12 +222,15 @@ def run_search(
     checkpoint_dir: Path | None = None,
     on_checkpoint: Callable[[list[CheckpointInfo]], None] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    checkpoint_retry_seconds: float = 0.0,
 ) -> SearchResult:
     """Run (or continue) a search; report each finished epoch to `on_epoch`.
 
     `should_stop` is polled between steps: at an epoch boundary the search checkpoints that epoch and
     returns; inside an epoch it drops the partial epoch and returns (stop_reason "cancelled"), keeping
     the checkpoints already written. `resume_from` is a checkpoint (path or loaded dict) of the same spec.
+    A checkpoint write that fails (full disk, I/O error) is retried for `checkpoint_retry_seconds`, then
+    raises CheckpointWriteError with the earlier checkpoints intact.
     """
     search = Search(spec, data, torch.device(device))
     stop = should_stop or (lambda: False)
@@ -235,7 +238,12 @@ def run_search(
         state = resume_from if isinstance(resume_from, dict) else load_checkpoint(resume_from, search.device)
         search.load_state_dict(state)
     store = (
-        CheckpointStore(checkpoint_dir, keep_last=spec.checkpoint.keep_last, on_change=on_checkpoint)
+        CheckpointStore(
+            checkpoint_dir,
+            keep_last=spec.checkpoint.keep_last,
+            on_change=on_checkpoint,
+            retry_seconds=checkpoint_retry_seconds,
+        )
         if checkpoint_dir is not None
         else None
     )
