@@ -68,7 +68,8 @@ def _held(job_id: str, attempt: int) -> Any:
 
 
 def _expired(now: datetime) -> Any:
-    return (Job.status == "running") & (Job.lease_expires_at < now)
+    # A running job without a lease (running when the leases' migration came) is as good as expired.
+    return (Job.status == "running") & (Job.lease_expires_at.is_(None) | (Job.lease_expires_at < now))
 
 
 def heartbeat(session: Session, *, job_id: str, attempt: int, lease_seconds: float) -> bool:
@@ -134,6 +135,10 @@ def start_resume(
     job = _fence(session, job_id, attempt)
     for record, arch in history:
         _add_epoch(session, job, attempt, record, arch)
+    noted = session.get_one(Attempt, (job_id, attempt))
+    if noted.resumed_from_epoch is not None:  # a retried call whose first commit did land
+        session.commit()
+        return noted.epochs_redone
     redone = max(0, job.epoch - resumed_from)
     job.epochs_redone += redone
     session.execute(
@@ -188,6 +193,9 @@ def finish(
     architecture: dict[str, Any] | None = None,
 ) -> None:
     """End the job (succeeded, failed or cancelled) and its lease, if this attempt still holds it."""
+    done = session.execute(select(Job.status, Job.attempt).where(Job.id == job_id)).one_or_none()
+    if done is not None and tuple(done) == (status, attempt):  # a retried call whose first commit did land
+        return
     job = _fence(session, job_id, attempt)
     now = utcnow()
     job.status, job.stop_reason, job.error, job.finished_at = status, stop_reason, error, now

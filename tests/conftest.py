@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,20 @@ def data_dir() -> Path:
             pytest.fail(f"shared data required but missing at {path}")
         pytest.skip(f"needs ../shared/data (PTB, WikiText-2); not found at {path}")
     return path
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fault-repeats",
+        type=int,
+        default=1,
+        help="how many times each fault scenario runs, with its own random timing (`make faults`: 5)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    faults = sys.modules.get("tests.service.faults")
+    rows = getattr(faults, "ROWS", None)
+    if faults is not None and rows:
+        terminalreporter.write_sep("=", "fault scenarios")
+        terminalreporter.write_line(faults.table(list(rows.values())))

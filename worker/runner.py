@@ -218,6 +218,7 @@ def _run(
     except Exception as exc:
         log.exception("job %s failed", job_id)
         return _finish(reporter, "failed", error=f"{type(exc).__name__}: {exc}")
+    reporter.heartbeat.stop()  # the last write below ends the lease
     if result.stop_reason == "cancelled" and not reporter.cancel:  # stopped by this worker's shutdown
         reporter.write("release", lambda s: leases.release(s, job_id=job_id, attempt=attempt, reason="worker shutdown"))
         if not send(job_id):
@@ -232,6 +233,7 @@ def _run(
 
 
 def _finish(reporter: DbReporter, status: str, **fields: Any) -> str:
+    reporter.heartbeat.stop()
     c = reporter.claim
     reporter.write(status, lambda s: leases.finish(s, job_id=c.job_id, attempt=c.attempt, status=status, **fields))
     return status

@@ -36,7 +36,7 @@ def _unavailable(what: str, exc: Exception) -> None:
 @pytest.fixture(scope="session")
 def empty_pg() -> Iterator[Callable[[], str]]:
     """Makes empty PostgreSQL databases (no schema), all dropped at the end of the session."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)  # outlives PG restarts
     made: list[str] = []
 
     def make() -> str:

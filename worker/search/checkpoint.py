@@ -7,6 +7,7 @@ service keeps the same facts in its database.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -104,19 +105,36 @@ class CheckpointStore:
         payload = buffer.getvalue()
         name = "best.pt" if kind == "best" else f"epoch-{epoch:04d}.pt"
         info = CheckpointInfo(name, epoch, kind, len(payload), hashlib.sha256(payload).hexdigest())
-        items = [i for i in self.items() if i.name != name] + [info]
+        before = self.items()
+        others = [i for i in before if i.name != name]
+        items = [*others, info]
         epochs = sorted((i for i in items if i.kind == "epoch"), key=lambda i: i.epoch)
         stale = {i.name for i in epochs[: max(0, len(epochs) - self.keep_last)]}
         items = sorted((i for i in items if i.name not in stale), key=lambda i: (i.epoch, i.kind))
-        # The file, then the manifest that lists it: a failure in either leaves the old manifest (and every
-        # file it lists) as it was. Stale files go only after both are written.
-        self._write(name, lambda: write_atomic(self.folder / name, payload))
-        self._write(name, lambda: self._write_manifest(items))
+        # The manifest never lists a file with other bytes than it says, whatever write fails: a file about to
+        # be replaced with new bytes (best.pt) is first taken off the manifest, then written, then listed again
+        # with the rest. Stale files go only after that.
+        replacing = any(i.name == name and i.sha256 != info.sha256 for i in before)
+        if replacing:
+            self._write(MANIFEST, lambda: self._write_manifest(others))
+            self._report(others)
+        try:
+            self._write(name, lambda: write_atomic(self.folder / name, payload))
+        except CheckpointWriteError:
+            if replacing:  # the old file is still whole: list it again if the disk lets us
+                with contextlib.suppress(OSError):
+                    self._write_manifest(before)
+                    self._report(before)
+            raise
+        self._write(MANIFEST, lambda: self._write_manifest(items))
         for old in stale:
             (self.folder / old).unlink(missing_ok=True)
+        self._report(items)
+        return info
+
+    def _report(self, items: list[CheckpointInfo]) -> None:
         if self.on_change is not None:
             self.on_change(items)
-        return info
 
     def _write(self, name: str, write: Callable[[], None]) -> None:
         deadline = time.monotonic() + self.retry_seconds
@@ -129,7 +147,7 @@ class CheckpointStore:
                 if time.monotonic() + pause > deadline:
                     raise CheckpointWriteError(
                         exc.errno,
-                        f"could not write checkpoint {name} in {self.folder.name}/: {exc.strerror or exc}; "
+                        f"could not write {name} in the checkpoint folder: {exc.strerror or exc}; "
                         "the checkpoints written before it are intact",
                     ) from exc
                 log.warning("checkpoint %s: %s; retrying in %.1f s", name, exc, pause)
