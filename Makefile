@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up reset test lint typecheck bench bench-api search clean
+.PHONY: up reset test faults lint typecheck bench bench-api search clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+## The fault suite, each scenario repeated REPEATS times with its own random timing (about 12 minutes at 5):
+## workers killed, Redis and PostgreSQL restarted (PostgreSQL with pg_ctlcluster: root), a full disk (a
+## tmpfs: root). Prints the summary table of docs/reliability.md. `make test` runs each scenario once.
+REPEATS ?= 5
+faults: $(STAMP)
+	$(BIN)/pytest -q -m faults --fault-repeats $(REPEATS) tests/service/test_faults.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -255,6 +255,19 @@ def test_worker_reserves_one_nvidia_gpu_and_runs_one_job_at_a_time(monkeypatch: 
     assert option(worker["command"], "--concurrency") == "1"
 
 
+def test_a_stopped_worker_has_time_to_give_its_job_back() -> None:
+    worker = service("worker")
+    assert worker.get("stop_signal", "SIGTERM") == "SIGTERM"  # the worker's warm shutdown releases the job
+    grace = re.fullmatch(r"(\d+)([sm])", worker["stop_grace_period"])
+    assert grace and int(grace[1]) * {"s": 1, "m": 60}[grace[2]] >= 60
+
+
+def test_redis_keeps_its_messages_across_restarts() -> None:
+    redis = service("redis")
+    assert option(redis["command"], "--appendonly") == "yes"
+    assert any(v.endswith(":/data") for v in redis["volumes"])
+
+
 def test_dockerfile_base_user_and_environment() -> None:
     steps = dockerfile()
     base = next(args for word, args in steps if word == "FROM")

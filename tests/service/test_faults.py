@@ -136,6 +136,30 @@ def test_kill_9_worker_process_group(stack: FaultStack, row: Row, repeats: int) 
         stack.stop_workers()
 
 
+def test_a_job_that_keeps_killing_its_worker_fails(stack: FaultStack, row: Row, repeats: int) -> None:
+    """Every worker that takes the job dies (as an out-of-memory kill would do it): after max_attempts lost
+    leases the job ends failed with an error that says so, instead of being retried forever."""
+    for rep in range(repeats):
+        stack.start_workers(1, max_attempts=2)
+        job_id = stack.submit(fault_spec(seed=1200 + rep))
+        killed: set[str] = set()
+        fault_at = 0.0
+        while stack.job(job_id)["status"] not in ("failed", "succeeded", "cancelled"):
+            owner = stack.job(job_id)["lease_owner"]
+            if owner and owner not in killed and stack.epochs(job_id) >= 1:
+                subprocess.run(["kill", "-9", owner.rsplit("/", 1)[1]], check=False)
+                killed.add(owner)
+                fault_at = fault_at or time.monotonic()
+            assert len(killed) <= 2, f"job {job_id} was taken {len(killed) + 1} times"
+            time.sleep(0.02)
+        row.recovery.append(time.monotonic() - fault_at)
+        job = stack.job(job_id)
+        assert "lost 2 times (max_attempts is 2)" in job["error"], job["error"]
+        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=shared_data_dir(), status="failed"))
+        assert [a["outcome"] for a in _attempts(stack.db, job_id)] == ["lost", "lost"]
+        stack.stop_workers()
+
+
 def test_redis_restarted_mid_run(stack: FaultStack, row: Row, repeats: int) -> None:
     """Redis crashes (losing every message) while one job runs and another waits: the running job goes on,
     the worker reconnects, and the reaper sends the waiting job again."""
@@ -177,6 +201,7 @@ def test_redis_restarted_during_submissions(stack: FaultStack, row: Row, repeats
                     job_ids.append(r.json()["id"])
                 time.sleep(rng.uniform(0.1, 0.4))
         assert codes == [201] * 6, codes  # stored even when the broker was down
+        assert stack.api is not None and "could not enqueue job" in stack.api.output()
         stack.wait_terminal(job_ids)
         row.recovery.append(time.monotonic() - fault_at)
         record(row, job_ids, check_invariants(stack.db, job_ids, data_dir=data, faults_per_job=0))
@@ -260,6 +285,8 @@ def test_visibility_timeout_shorter_than_a_job(stack: FaultStack, row: Row, repe
         stack.wait_terminal([job_id])
         record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data, faults_per_job=0))
         assert stack.job(job_id)["attempt"] == 1
+        redelivered = sum(p.output().count(f"job {job_id} is not claimable") for p in stack.workers)
+        assert redelivered >= 1, "Redis never delivered the running job's message again"
         stack.stop_workers()
 
 
