@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from service import leases
@@ -112,11 +113,17 @@ class DbReporter:
         return self.cancel or self.shutdown
 
 
-def resume_point(db: Database, job_id: str, folder: Path, device: str) -> tuple[int, dict[str, Any] | None]:
+def resume_point(
+    db: Database, job_id: str, folder: Path, device: str, *, retry_seconds: float = 0.0
+) -> tuple[int, dict[str, Any] | None]:
     """The newest recorded resumable checkpoint whose file matches its sha256 and loads: (epoch, state);
     (0, None) to start from scratch. A missing, truncated or corrupted file is skipped for the one before."""
-    with db.session() as session:
-        rows = [(r.name, r.epoch, r.sha256) for r in leases.resumable_checkpoints(session, job_id=job_id)]
+    rows = retrying(
+        db,
+        lambda s: [(r.name, r.epoch, r.sha256) for r in leases.resumable_checkpoints(s, job_id=job_id)],
+        seconds=retry_seconds,
+        what=f"job {job_id}: checkpoints",
+    )
     for name, epoch, digest in rows:
         path = folder / name
         try:
@@ -143,14 +150,14 @@ def execute_job(
 ) -> str:
     """Run a job under a lease, to its end or until this worker shuts down; returns what happened (for the
     worker's log). `send` puts a released job back on the queue."""
-    with db.session() as session:
-        claim = leases.claim(
-            session,
-            job_id=job_id,
-            worker=worker,
-            lease_seconds=settings.lease_seconds,
-            max_attempts=settings.max_attempts,
-        )
+    claim = retrying(
+        db,
+        lambda s: leases.claim(
+            s, job_id=job_id, worker=worker, lease_seconds=settings.lease_seconds, max_attempts=settings.max_attempts
+        ),
+        seconds=settings.db_retry_seconds,
+        what=f"job {job_id}: claim",
+    )
     if claim is None:
         log.info("job %s is not claimable (running elsewhere, finished or gone); message dropped", job_id)
         return "skipped"
@@ -174,6 +181,11 @@ def execute_job(
         except LeaseLost as exc:
             log.warning("%s; attempt %d stops here", exc, claim.attempt)
             return "lease lost"
+        except OperationalError as exc:
+            # The database stayed out of reach longer than db_retry_seconds: nothing can be recorded, so the
+            # attempt ends here without a status; its lease expires and the reaper gives the job to a worker.
+            log.error("job %s: attempt %d abandoned, the database is unreachable (%s)", job_id, claim.attempt, exc)
+            return "abandoned"
 
 
 def _run(
@@ -187,7 +199,7 @@ def _run(
 ) -> str:
     job_id, attempt = claim.job_id, claim.attempt
     try:
-        resumed_from, state = resume_point(reporter.db, job_id, folder, device)
+        resumed_from, state = resume_point(reporter.db, job_id, folder, device, retry_seconds=settings.db_retry_seconds)
         history = [_record_and_architecture(r) for r in (json.loads(state["history"]) if state else [])]
         redone = reporter.write(
             "resume",
@@ -211,7 +223,7 @@ def _run(
             on_checkpoint=reporter.on_checkpoint,
             checkpoint_retry_seconds=settings.io_retry_seconds,
         )
-    except LeaseLost:
+    except (LeaseLost, OperationalError):
         raise
     except (DataError, SearchDiverged, CheckpointWriteError) as exc:
         return _finish(reporter, "failed", error=str(exc))

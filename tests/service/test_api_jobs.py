@@ -6,7 +6,10 @@ from datetime import datetime
 
 from fastapi.testclient import TestClient
 
+from service import leases
+from service.app import create_app
 from service.db import Database
+from service.models import Job
 from service.settings import Settings
 
 from .factories import add_checkpoint, add_epochs, add_job, job_spec, row_counts
@@ -145,7 +148,38 @@ def test_unknown_job_is_404_on_every_route(client: TestClient) -> None:
         ("GET", "/architecture"),
         ("GET", "/checkpoints"),
         ("GET", "/checkpoints/best.pt"),
+        ("GET", "/attempts"),
     ]:
         r = client.request(method, f"/jobs/{missing}{path}")
         assert r.status_code == 404, (method, path)
         assert missing in r.json()["detail"]
+
+
+def test_a_job_shows_its_lease_and_each_attempt(client: TestClient, clean_db: Database) -> None:
+    job_id = client.post("/jobs", json=job_spec()).json()["id"]
+    assert client.get(f"/jobs/{job_id}/attempts").json() == {"items": []}
+    with clean_db.session() as session:  # as a worker takes it
+        leases.claim(session, job_id=job_id, worker="gpu-3@host/4242", lease_seconds=60, max_attempts=3)
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "running" and job["attempt"] == 1 and job["epochs_redone"] == 0
+    assert job["lease_owner"] == "gpu-3@host/4242"
+    expires, beat = datetime.fromisoformat(job["lease_expires_at"]), datetime.fromisoformat(job["heartbeat_at"])
+    assert (expires - beat).total_seconds() == 60
+    [attempt] = client.get(f"/jobs/{job_id}/attempts").json()["items"]
+    assert attempt["attempt"] == 1 and attempt["worker"] == "gpu-3@host/4242" and attempt["outcome"] is None
+    with clean_db.session() as session:
+        leases.finish(session, job_id=job_id, attempt=1, status="succeeded", stop_reason="completed")
+    job = client.get(f"/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["lease_owner"] is None and job["lease_expires_at"] is None
+    [attempt] = client.get(f"/jobs/{job_id}/attempts").json()["items"]
+    assert attempt["outcome"] == "succeeded" and attempt["ended_at"] is not None
+
+
+def test_a_job_posted_while_the_broker_is_down_is_stored_for_the_reaper(settings: Settings, clean_db: Database) -> None:
+    unreachable = settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})
+    with TestClient(create_app(unreachable)) as client:
+        r = client.post("/jobs", json=job_spec())
+    assert r.status_code == 201, r.text
+    with clean_db.session() as session:
+        job = session.get_one(Job, r.json()["id"])
+        assert job.status == "queued" and job.enqueued_at is None  # what the reaper sends first
