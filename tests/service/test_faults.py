@@ -275,7 +275,7 @@ def test_same_job_delivered_twice(stack: FaultStack, row: Row, repeats: int) -> 
         stack.wait_terminal([job_id])
         record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data, faults_per_job=0))
         assert stack.job(job_id)["attempt"] == 1
-        wait_for(lambda: dropped(stack, job_id) >= 4, timeout=30, what="the four extra messages to be dropped")
+        wait_for(lambda j=job_id: dropped(stack, j) >= 4, timeout=30, what="the four extra messages to be dropped")
         time.sleep(0.5)
         assert dropped(stack, job_id) == 4
         stack.stop_workers()
