@@ -6,13 +6,14 @@ import hashlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import httpx
 
 from ..conftest import shared_data_dir
 from .factories import job_spec
-from .processes import free_port, service_env, spawn, wait_until_up
+from .processes import Proc, free_port, service_env, spawn, wait_for, wait_until_up
 
 
 def test_make_up_runs_a_job_on_sqlite_and_the_sql_broker_then_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
@@ -54,3 +55,49 @@ def test_make_up_runs_a_job_on_sqlite_and_the_sql_broker_then_stops_cleanly_on_c
         raise AssertionError("the API still answers after Ctrl-C")
     except httpx.ConnectError:
         pass
+
+
+def test_ctrl_c_during_a_job_gives_it_back_and_the_next_make_up_finishes_it(tmp_path: Path) -> None:
+    env = service_env(data_dir=shared_data_dir())
+    spec = job_spec(search={"epochs": 12, "batches_per_epoch": 24})
+
+    def make_up() -> tuple[Proc, str]:
+        port = free_port()
+        launcher = spawn(
+            "up",
+            [sys.executable, "-m", "service.run", "--port", str(port)],
+            env=env,
+            cwd=tmp_path,
+            logs=tmp_path / f"logs-{port}",
+        )
+        base = f"http://127.0.0.1:{port}"
+        wait_until_up(base, launcher)
+        return launcher, base
+
+    launcher, base = make_up()
+    try:
+        job_id = httpx.post(f"{base}/jobs", json=spec, timeout=30).json()["id"]
+        wait_for(lambda: httpx.get(f"{base}/jobs/{job_id}").json()["epoch"] >= 2, timeout=120, what="two epochs")
+    finally:
+        os.killpg(launcher.popen.pid, signal.SIGINT)
+        started = time.monotonic()
+        code = launcher.popen.wait(timeout=60)
+    assert code == 0 and time.monotonic() - started < 20, launcher.output()[-3000:]  # one step, not the job
+
+    launcher, base = make_up()
+    try:
+        job = httpx.get(f"{base}/jobs/{job_id}").json()
+        assert job["status"] in ("queued", "running") and job["epoch"] >= 2
+        wait_for(
+            lambda: httpx.get(f"{base}/jobs/{job_id}").json()["status"] == "succeeded",
+            timeout=120,
+            what="the job to finish after the restart",
+        )
+        attempts = httpx.get(f"{base}/jobs/{job_id}/attempts").json()["items"]
+        assert [a["outcome"] for a in attempts] == ["released", "succeeded"]
+        assert attempts[1]["resumed_from_epoch"] >= 2
+        epochs = [r["epoch"] for r in httpx.get(f"{base}/jobs/{job_id}/metrics", params={"limit": 100}).json()["items"]]
+        assert epochs == list(range(1, 13))
+    finally:
+        os.killpg(launcher.popen.pid, signal.SIGINT)
+        launcher.popen.wait(timeout=60)
