@@ -18,6 +18,4 @@ def run_job(self: Any, job_id: str) -> str:
     if shutting_down():  # a message that reached a worker on its way out: back to the queue, unclaimed
         raise Reject("the worker is shutting down", requeue=True)
     worker = f"{self.request.hostname or 'worker'}/{os.getpid()}"
-    return execute_job(
-        job_id, db=database(), settings=settings, worker=worker, shutting_down=shutting_down, send=send
-    )
+    return execute_job(job_id, db=database(), settings=settings, worker=worker, shutting_down=shutting_down, send=send)
