@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +58,15 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: float = Field(
         default=3600.0, gt=0, description="Redis: an unacknowledged message is delivered again after this"
     )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                f"DARTS_HEARTBEAT_SECONDS ({self.heartbeat_seconds:g}) must be at most half of DARTS_LEASE_SECONDS "
+                f"({self.lease_seconds:g}): a lease must survive a missed heartbeat"
+            )
+        return self
 
     @property
     def jobs_dir(self) -> Path:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select, text, update
 
 import worker.lease as lease_module
@@ -22,6 +23,7 @@ from service import leases
 from service.db import Database
 from service.leases import Claim, LeaseLost
 from service.models import Attempt, CheckpointRow, EpochRow, Job, utcnow
+from service.settings import Settings
 from worker.lease import Reaper
 
 from .factories import add_job, epoch_record
@@ -781,3 +783,9 @@ def test_a_running_job_without_a_lease_is_taken_back_by_the_reaper(clean_db: Dat
 
     assert reaper(clean_db, send).reap() == [job_id]
     assert job_row(clean_db, job_id)["status"] == "queued"
+
+
+def test_a_heartbeat_too_slow_for_its_lease_is_refused_at_start() -> None:
+    with pytest.raises(ValidationError, match="at most half of DARTS_LEASE_SECONDS"):
+        Settings(lease_seconds=10, heartbeat_seconds=6)
+    assert Settings(lease_seconds=10, heartbeat_seconds=5).heartbeat_seconds == 5
