@@ -55,12 +55,16 @@ def fault_spec(seed: int, epochs: int = 8) -> dict[str, Any]:
     )
 
 
+def undisturbed_records(spec: dict[str, Any], data_dir: Path) -> tuple[tuple[str, ...], ...]:
+    """The epoch records of a run of `spec` in this process, start to end (timing fields left out)."""
+    job = JobSpec.model_validate(spec)
+    data = load_dataset(job.dataset, job.task, data_dir=data_dir, uploads_dir=data_dir)
+    return tuple(_comparable(json.loads(json.dumps(r))) for r in run_search(job, data=data).records)
+
+
 @cache
 def _reference(spec_json: str, data_dir: str) -> tuple[tuple[str, ...], ...]:
-    spec = JobSpec.model_validate_json(spec_json)
-    data = load_dataset(spec.dataset, spec.task, data_dir=Path(data_dir), uploads_dir=Path(data_dir))
-    records = run_search(spec, data=data).records
-    return tuple(_comparable(json.loads(json.dumps(r))) for r in records)
+    return undisturbed_records(json.loads(spec_json), Path(data_dir))
 
 
 def _comparable(record: dict[str, Any]) -> tuple[str, ...]:
@@ -68,7 +72,7 @@ def _comparable(record: dict[str, Any]) -> tuple[str, ...]:
 
 
 def reference_records(spec: dict[str, Any], data_dir: Path) -> tuple[tuple[str, ...], ...]:
-    """The epoch records of an undisturbed run of the same spec and seed (timing fields left out)."""
+    """The epoch records of an undisturbed run of the same spec and seed (timing fields left out), once per spec."""
     return _reference(JobSpec.model_validate(spec).model_dump_json(), str(data_dir))
 
 

@@ -38,8 +38,8 @@ from .faults import (
     check_invariants,
     fault_spec,
     postgres_restartable,
-    reference_records,
     restart_postgres,
+    undisturbed_records,
 )
 from .processes import wait_for
 
@@ -85,12 +85,17 @@ def row(request: pytest.FixtureRequest, stack: FaultStack) -> Iterator[Row]:
     stack.stop_workers()
 
 
-def record(row: Row, job_ids: list[str], figures: dict[str, int]) -> None:
+def settle(stack: FaultStack, row: Row, job_ids: list[str], recovery: float | None, **check: Any) -> None:
+    """Wait for the jobs to end, check the invariants in SQL, and add this repetition to the summary row."""
+    stack.wait_terminal(job_ids)
+    figures = check_invariants(stack.db, job_ids, data_dir=shared_data_dir(), **check)
     row.repetitions += 1
     row.jobs += len(job_ids)
     row.lost += figures["lost"]
     row.duplicated += figures["duplicated"]
     row.redone += figures["redone"]
+    if recovery is not None:
+        row.recovery.append(recovery)
 
 
 def dropped(stack: FaultStack, job_id: str) -> int:
@@ -108,7 +113,6 @@ def hit_mid_epoch(stack: FaultStack, job_id: str, rng: random.Random) -> int:
 
 def test_kill_9_worker_child(stack: FaultStack, row: Row, repeats: int) -> None:
     """The pool child dies mid-epoch; Celery forks a new one, the lease expires, the reaper requeues."""
-    data = shared_data_dir()
     for rep in range(repeats):
         rng = random.Random(f"child-{rep}")
         stack.start_workers(1)
@@ -117,16 +121,13 @@ def test_kill_9_worker_child(stack: FaultStack, row: Row, repeats: int) -> None:
         child = int(stack.job(job_id)["lease_owner"].rsplit("/", 1)[1])
         subprocess.run(["kill", "-9", str(child)], check=True)
         fault_at = time.monotonic()
-        row.recovery.append(stack.recovery(job_id, fault_at, epoch))
-        stack.wait_terminal([job_id])
-        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data))
+        settle(stack, row, [job_id], stack.recovery(job_id, fault_at, epoch))
         assert stack.job(job_id)["attempt"] == 2
         stack.stop_workers()
 
 
 def test_kill_9_worker_process_group(stack: FaultStack, row: Row, repeats: int) -> None:
     """The whole worker (main process and child) dies mid-epoch; a replacement worker resumes the job."""
-    data = shared_data_dir()
     for rep in range(repeats):
         rng = random.Random(f"group-{rep}")
         stack.start_workers(1)
@@ -135,9 +136,7 @@ def test_kill_9_worker_process_group(stack: FaultStack, row: Row, repeats: int) 
         stack.worker_of(job_id).stop(signal.SIGKILL)
         fault_at = time.monotonic()
         stack.start_workers(1)  # as a supervisor (compose's restart policy) would
-        row.recovery.append(stack.recovery(job_id, fault_at, epoch))
-        stack.wait_terminal([job_id])
-        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data))
+        settle(stack, row, [job_id], stack.recovery(job_id, fault_at, epoch))
         stack.stop_workers()
 
 
@@ -157,10 +156,9 @@ def test_a_job_that_keeps_killing_its_worker_fails(stack: FaultStack, row: Row, 
                 fault_at = fault_at or time.monotonic()
             assert len(killed) <= 2, f"job {job_id} was taken {len(killed) + 1} times"
             time.sleep(0.02)
-        row.recovery.append(time.monotonic() - fault_at)
+        settle(stack, row, [job_id], time.monotonic() - fault_at, status="failed")
         job = stack.job(job_id)
         assert "lost 2 times (max_attempts is 2)" in job["error"], job["error"]
-        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=shared_data_dir(), status="failed"))
         assert [a["outcome"] for a in _attempts(stack.db, job_id)] == ["lost", "lost"]
         stack.stop_workers()
 
@@ -168,7 +166,6 @@ def test_a_job_that_keeps_killing_its_worker_fails(stack: FaultStack, row: Row, 
 def test_redis_restarted_mid_run(stack: FaultStack, row: Row, repeats: int) -> None:
     """Redis crashes (losing every message) while one job runs and another waits: the running job goes on,
     the worker reconnects, and the reaper sends the waiting job again."""
-    data = shared_data_dir()
     for rep in range(repeats):
         rng = random.Random(f"redis-{rep}")
         stack.start_workers(1)
@@ -179,15 +176,12 @@ def test_redis_restarted_mid_run(stack: FaultStack, row: Row, repeats: int) -> N
         fault_at = time.monotonic()
         time.sleep(rng.uniform(0.5, 1.5))
         stack.redis.start()
-        row.recovery.append(stack.recovery(running, fault_at, epoch))
-        stack.wait_terminal([running, waiting])
-        record(row, [running, waiting], check_invariants(stack.db, [running, waiting], data_dir=data))
+        settle(stack, row, [running, waiting], stack.recovery(running, fault_at, epoch))
         stack.stop_workers()
 
 
 def test_redis_restarted_during_submissions(stack: FaultStack, row: Row, repeats: int) -> None:
     """Jobs posted while Redis is down are stored (201) and sent by the reaper once it is back."""
-    data = shared_data_dir()
     for rep in range(repeats):
         rng = random.Random(f"submit-{rep}")
         stack.start_workers(2)
@@ -208,8 +202,7 @@ def test_redis_restarted_during_submissions(stack: FaultStack, row: Row, repeats
         assert codes == [201] * 6, codes  # stored even when the broker was down
         assert stack.api is not None and "could not enqueue job" in stack.api.output()
         stack.wait_terminal(job_ids)
-        row.recovery.append(time.monotonic() - fault_at)
-        record(row, job_ids, check_invariants(stack.db, job_ids, data_dir=data, faults_per_job=0))
+        settle(stack, row, job_ids, time.monotonic() - fault_at, faults_per_job=0)
         stack.stop_workers()
 
 
@@ -219,7 +212,6 @@ def test_postgres_restarted_mid_run(stack: FaultStack, row: Row, repeats: int) -
     reason = postgres_restartable()
     if reason:
         pytest.fail(reason)
-    data = shared_data_dir()
     for rep in range(repeats):
         rng = random.Random(f"pg-{rep}")
         stack.start_workers(1)
@@ -228,12 +220,11 @@ def test_postgres_restarted_mid_run(stack: FaultStack, row: Row, repeats: int) -
         poller = Poller(stack, f"/jobs/{job_id}")
         fault_at = time.monotonic()
         restart_postgres()
-        row.recovery.append(stack.recovery(job_id, fault_at, epoch))
-        stack.wait_terminal([job_id])
+        recovery = stack.recovery(job_id, fault_at, epoch)
+        settle(stack, row, [job_id], recovery)
         codes = poller.stop()
         assert set(codes) <= {200, 503}, sorted(set(codes))  # never a 500, never a hung request
         assert 503 in codes and codes[-1] == 200, codes
-        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data))
         stack.stop_workers()
 
 
@@ -263,7 +254,6 @@ class Poller:
 
 def test_same_job_delivered_twice(stack: FaultStack, row: Row, repeats: int) -> None:
     """Extra messages for a job, on purpose, to two workers: one claims it, the others drop their message."""
-    data = shared_data_dir()
     celery = make_celery(stack.settings)
     for rep in range(repeats):
         stack.start_workers(2)
@@ -272,8 +262,7 @@ def test_same_job_delivered_twice(stack: FaultStack, row: Row, repeats: int) -> 
             celery.send_task(RUN_JOB, args=[job_id])
         stack.wait_epoch(job_id, 1)
         celery.send_task(RUN_JOB, args=[job_id])  # and once more while it runs
-        stack.wait_terminal([job_id])
-        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data, faults_per_job=0))
+        settle(stack, row, [job_id], None, faults_per_job=0)
         assert stack.job(job_id)["attempt"] == 1
         wait_for(lambda j=job_id: dropped(stack, j) >= 4, timeout=30, what="the four extra messages to be dropped")
         time.sleep(0.5)
@@ -283,12 +272,10 @@ def test_same_job_delivered_twice(stack: FaultStack, row: Row, repeats: int) -> 
 
 def test_visibility_timeout_shorter_than_a_job(stack: FaultStack, row: Row, repeats: int) -> None:
     """Redis hands the running job's message to the other worker after 1 s; the lease makes it a no-op."""
-    data = shared_data_dir()
     for rep in range(repeats):
         stack.start_workers(2, visibility_timeout_seconds=1.0)
         job_id = stack.submit(fault_spec(seed=700 + rep))
-        stack.wait_terminal([job_id])
-        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data, faults_per_job=0))
+        settle(stack, row, [job_id], None, faults_per_job=0)
         assert stack.job(job_id)["attempt"] == 1
         assert dropped(stack, job_id) >= 1, "Redis never delivered the running job's message again"
         stack.stop_workers()
@@ -297,7 +284,6 @@ def test_visibility_timeout_shorter_than_a_job(stack: FaultStack, row: Row, repe
 def test_api_restarted_while_streaming(stack: FaultStack, row: Row, repeats: int) -> None:
     """The API dies under a client following the stream; the client reconnects with Last-Event-ID to the
     restarted API and sees every epoch once, in order."""
-    data = shared_data_dir()
     for rep in range(repeats):
         rng = random.Random(f"api-{rep}")
         stack.start_workers(1)
@@ -330,10 +316,9 @@ def test_api_restarted_while_streaming(stack: FaultStack, row: Row, repeats: int
                 pass
             reconnects += 1
             assert reconnects < 20, "the stream never completed"
-        row.recovery.append(time.monotonic() - fault_at)
+        recovery = time.monotonic() - fault_at
         assert seen == list(range(1, 9)), seen
-        stack.wait_terminal([job_id])
-        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data, faults_per_job=0))
+        settle(stack, row, [job_id], recovery, faults_per_job=0)
         stack.stop_workers()
 
 
@@ -363,49 +348,55 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def test_disk_full_while_writing_a_checkpoint(stack: FaultStack, row: Row, repeats: int, small_disk: Path) -> None:
-    """A full disk during a checkpoint write: freed within the retry window, the job goes on unharmed; left
-    full, the job fails with a clear error, its earlier checkpoints intact, never `succeeded`."""
-    data = shared_data_dir()
+def test_disk_full_for_a_moment_while_writing_a_checkpoint(
+    stack: FaultStack, row: Row, repeats: int, small_disk: Path
+) -> None:
+    """The disk fills up as a checkpoint is written and is freed within the retry window: the write is
+    retried and the job goes on unharmed."""
     for rep in range(repeats):
         rng = random.Random(f"disk-{rep}")
         stack.start_workers(1)
-        transient = stack.submit(fault_spec(seed=900 + rep, epochs=5))
-        epoch = hit_mid_epoch(stack, transient, rng)
+        job_id = stack.submit(fault_spec(seed=900 + rep, epochs=5))
+        epoch = hit_mid_epoch(stack, job_id, rng)
         filler = fill(small_disk)
         fault_at = time.monotonic()
         wait_for(lambda: RETRYING in stack.workers[0].output(), timeout=30, what="a checkpoint write to fail")
         filler.unlink()  # within io_retry_seconds (3 s) of the failure
-        row.recovery.append(stack.recovery(transient, fault_at, epoch))
-        stack.wait_terminal([transient])
-        figures = check_invariants(stack.db, [transient], data_dir=data, faults_per_job=0)
+        settle(stack, row, [job_id], stack.recovery(job_id, fault_at, epoch), faults_per_job=0)
+        stack.stop_workers()
 
-        stuck = stack.submit(fault_spec(seed=950 + rep, epochs=5))
-        stack.wait_epoch(stuck, 2)
+
+def test_disk_stays_full_while_writing_a_checkpoint(
+    stack: FaultStack, row: Row, repeats: int, small_disk: Path
+) -> None:
+    """The disk fills up for good: the job fails with a clear error, never `succeeded`, and every checkpoint
+    it still lists downloads whole."""
+    for rep in range(repeats):
+        stack.start_workers(1)
+        job_id = stack.submit(fault_spec(seed=950 + rep, epochs=5))
+        stack.wait_epoch(job_id, 2)
         filler = fill(small_disk)
+        fault_at = time.monotonic()
         try:
-            stack.wait_terminal([stuck])
+            stack.wait_terminal([job_id])
         finally:
             filler.unlink()
-        job = stack.job(stuck)
-        assert job["status"] == "failed" and "No space left on device" in job["error"], job["error"]
-        assert "intact" in job["error"]
+        settle(stack, row, [job_id], time.monotonic() - fault_at, faults_per_job=0, status="failed")
+        error = stack.job(job_id)["error"]
+        assert "No space left on device" in error and "intact" in error, error
         with stack.client() as http:
-            listed = http.get(f"/jobs/{stuck}/checkpoints").json()["items"]
+            listed = http.get(f"/jobs/{job_id}/checkpoints").json()["items"]
             assert any(c["kind"] == "epoch" for c in listed)
             for item in listed:  # every checkpoint still listed is whole
-                blob = http.get(f"/jobs/{stuck}/checkpoints/{item['name']}").content
+                blob = http.get(f"/jobs/{job_id}/checkpoints/{item['name']}").content
                 assert len(blob) == item["bytes"]
                 assert hashlib.sha256(blob).hexdigest() == item["sha256"]
-        check_invariants(stack.db, [stuck], data_dir=data, faults_per_job=0, status="failed")
-        record(row, [transient, stuck], figures)
         stack.stop_workers()
 
 
 def test_corrupted_checkpoint_before_a_resume(stack: FaultStack, row: Row, repeats: int) -> None:
     """The worker dies, then its newest checkpoint is truncated or has a bit flipped: the resume verifies
     the sha256, falls back to the checkpoint before, and redoes exactly one epoch."""
-    data = shared_data_dir()
     for rep in range(repeats):
         rng = random.Random(f"corrupt-{rep}")
         stack.start_workers(1)
@@ -423,9 +414,7 @@ def test_corrupted_checkpoint_before_a_resume(stack: FaultStack, row: Row, repea
             blob[len(blob) // 2] ^= 0x10
             newest.write_bytes(bytes(blob))
         stack.start_workers(1)
-        row.recovery.append(stack.recovery(job_id, fault_at, epoch))
-        stack.wait_terminal([job_id])
-        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data))
+        settle(stack, row, [job_id], stack.recovery(job_id, fault_at, epoch))
         assert stack.job(job_id)["epochs_redone"] == 1
         stack.stop_workers()
 
@@ -433,7 +422,6 @@ def test_corrupted_checkpoint_before_a_resume(stack: FaultStack, row: Row, repea
 def test_sigterm_to_a_worker_mid_run(stack: FaultStack, row: Row, repeats: int) -> None:
     """SIGTERM: the worker stops at the next step, gives the job back and exits; the other worker resumes it
     at once (no lease to wait out)."""
-    data = shared_data_dir()
     for rep in range(repeats):
         rng = random.Random(f"term-{rep}")
         stack.start_workers(2)
@@ -443,9 +431,7 @@ def test_sigterm_to_a_worker_mid_run(stack: FaultStack, row: Row, repeats: int) 
         worker.popen.send_signal(signal.SIGTERM)  # the main process only, as `docker stop` does
         fault_at = time.monotonic()
         assert worker.popen.wait(timeout=30) == 0, worker.output()[-3000:]
-        row.recovery.append(stack.recovery(job_id, fault_at, epoch))
-        stack.wait_terminal([job_id])
-        record(row, [job_id], check_invariants(stack.db, [job_id], data_dir=data, faults_per_job=0))
+        settle(stack, row, [job_id], stack.recovery(job_id, fault_at, epoch), faults_per_job=0)
         attempts = _attempts(stack.db, job_id)
         assert [a["outcome"] for a in attempts] == ["released", "succeeded"], attempts
         stack.stop_workers()
@@ -458,7 +444,9 @@ def _attempts(db: Database, job_id: str) -> list[dict[str, Any]]:
 
 
 def test_reference_runs_are_reproducible() -> None:
-    """The suite's yardstick: two undisturbed runs of one spec give the same records."""
-    spec = fault_spec(seed=1, epochs=2)
+    """The suite's yardstick: two undisturbed runs of one spec give the same records, and another seed does not."""
     data = shared_data_dir()
-    assert reference_records(spec, data) == reference_records(dict(spec), data)
+    first = undisturbed_records(fault_spec(seed=1, epochs=2), data)
+    assert len(first) == 2
+    assert undisturbed_records(fault_spec(seed=1, epochs=2), data) == first
+    assert undisturbed_records(fault_spec(seed=2, epochs=2), data) != first
