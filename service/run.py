@@ -26,7 +26,11 @@ def main(argv: list[str] | None = None) -> int:
 
     upgrade_to_head(settings.database_url)
     worker_args = ["worker.app", "worker", "--concurrency", "1", "--loglevel", "INFO", "--queues", settings.queue]
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", *worker_args, "--hostname", "embedded@%h"])
+    # The worker gets its own process group: Ctrl-C reaches only this launcher, which asks the worker for a warm
+    # shutdown with SIGTERM (its running job stops at the next step and goes back to the queue). Celery would
+    # answer a SIGINT of its own with exit status 1, and a second one with a cold shutdown.
+    worker_cmd = [sys.executable, "-m", "celery", "-A", *worker_args, "--hostname", "embedded@%h"]
+    worker = subprocess.Popen(worker_cmd, process_group=0)
     api_args = ["service.app:create_app", "--host", args.host, "--port", str(args.port)]
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", *api_args])
     children = [api, worker]
@@ -43,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(signum, stop)
     while not stopping and all(c.poll() is None for c in children):
         time.sleep(0.2)
     for child in children:

@@ -118,7 +118,7 @@ def make_up_runs(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
     ran: dict[str, list[str]] = {}
 
     class Child:
-        def __init__(self, args: list[str]) -> None:
+        def __init__(self, args: list[str], **_: Any) -> None:
             assert args[:2] == [sys.executable, "-m"]
             ran[args[2]] = args[2:]
             self.args, self.returncode = args, 0
