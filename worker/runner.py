@@ -79,9 +79,12 @@ class DbReporter:
         self.cancel = False
         self.shutdown = False
 
-    def write(self, what: str, write: Callable[[Session], Any]) -> Any:
+    def _still_held(self) -> None:
         if self.heartbeat.lost.is_set():
             raise LeaseLost(f"job {self.claim.job_id}: attempt {self.claim.attempt} lost its lease")
+
+    def write(self, what: str, write: Callable[[Session], Any]) -> Any:
+        self._still_held()
         return retrying(self.db, write, seconds=self.retry_seconds, what=f"job {self.claim.job_id}: {what}")
 
     def on_epoch(self, record: Any) -> None:
@@ -97,8 +100,7 @@ class DbReporter:
         self.write("checkpoints", lambda s: leases.sync_checkpoints(s, job_id=c.job_id, attempt=c.attempt, items=rows))
 
     def should_stop(self) -> bool:
-        if self.heartbeat.lost.is_set():
-            raise LeaseLost(f"job {self.claim.job_id}: attempt {self.claim.attempt} lost its lease")
+        self._still_held()
         if self.shutting_down():
             self.shutdown = True
         now = time.monotonic()
